@@ -1,0 +1,320 @@
+//! Wire types shared by the idemgate filter, server and dashboard.
+//!
+//! The filter talks to the server's *store API* with three calls, each a JSON `POST`
+//! answered by exactly one atomic Redis script on the server:
+//!
+//! | call | path | request | answer (HTTP 200) |
+//! |---|---|---|---|
+//! | claim | [`CLAIM_PATH`] | [`ClaimRequest`] | [`ClaimOutcome`] |
+//! | complete | [`COMPLETE_PATH`] | [`CompleteRequest`] | [`CompleteOutcome`] |
+//! | release | [`RELEASE_PATH`] | [`ReleaseRequest`] | [`ReleaseOutcome`] |
+//!
+//! Any other status from the store API (400 for a malformed call, 503 when Redis cannot
+//! answer) carries an RFC 9457 problem details body ([`Problem`]); the filter maps it to
+//! the route's failure mode.
+//!
+//! This crate has no runtime dependencies beyond serde, sha2, hex and base64 so it builds
+//! for `wasm32-wasip1` (the filter), `wasm32-unknown-unknown` (the dashboard) and the host.
+
+#![forbid(unsafe_code)]
+
+use serde::{Deserialize, Serialize};
+
+pub mod fingerprint;
+pub mod problem;
+
+pub use fingerprint::{scope_hash, Fingerprint};
+pub use problem::{Problem, ProblemType};
+
+/// Path of the store API's claim call.
+pub const CLAIM_PATH: &str = "/v1/claim";
+/// Path of the store API's complete call.
+pub const COMPLETE_PATH: &str = "/v1/complete";
+/// Path of the store API's release call.
+pub const RELEASE_PATH: &str = "/v1/release";
+
+/// Longest idempotency key accepted, in characters (bytes: keys are ASCII).
+///
+/// The IETF draft (draft-ietf-httpapi-idempotency-key-header-07, section 2) leaves the
+/// length to the resource; 255 matches Stripe's documented limit.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// The scope value used by routes configured with a global scope.
+///
+/// Every other scope is a 64-character lowercase hex SHA-256 ([`scope_hash`]), so this
+/// value can never collide with a hashed scope.
+pub const GLOBAL_SCOPE: &str = "global";
+
+/// Which record a store call is about: the scope and the client's idempotency key.
+///
+/// The server builds the Redis key from both, so the same client key used by two
+/// tenants (two scopes) names two different records.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordId {
+    /// Lowercase hex SHA-256 of the scope source (see [`scope_hash`]), or [`GLOBAL_SCOPE`].
+    /// Never the raw secret.
+    pub scope: String,
+    /// The idempotency key as the client sent it, already validated by the filter
+    /// (1..=[`MAX_KEY_LEN`] visible ASCII characters).
+    pub key: String,
+}
+
+impl RecordId {
+    /// Checks the shapes the server relies on; returns a human-readable reason.
+    ///
+    /// # Errors
+    /// A scope that is neither [`GLOBAL_SCOPE`] nor 64 lowercase hex digits, or a key
+    /// that is empty, longer than [`MAX_KEY_LEN`] or holds a character outside `0x21..=0x7e`
+    /// (space inside is allowed, as in an sf-string).
+    pub fn validate(&self) -> Result<(), String> {
+        let scope_ok = self.scope == GLOBAL_SCOPE
+            || (self.scope.len() == 64
+                && self
+                    .scope
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        if !scope_ok {
+            return Err("scope must be \"global\" or 64 lowercase hex digits".into());
+        }
+        validate_key(&self.key)
+    }
+}
+
+/// Validates an idempotency key value (after sf-string unquoting).
+///
+/// Rules: 1..=[`MAX_KEY_LEN`] characters, each printable ASCII (`0x20..=0x7e`), not
+/// starting or ending with a space.
+///
+/// # Errors
+/// A static reason naming the broken rule, suitable for problem details `detail`.
+pub fn validate_key(key: &str) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("the idempotency key is empty".into());
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(format!(
+            "the idempotency key is {} characters long; at most {MAX_KEY_LEN} are allowed",
+            key.len()
+        ));
+    }
+    if let Some(b) = key.bytes().find(|b| !(0x20..=0x7e).contains(b)) {
+        return Err(format!(
+            "the idempotency key holds a control or non-ASCII byte 0x{b:02x}"
+        ));
+    }
+    if key.starts_with(' ') || key.ends_with(' ') {
+        return Err("the idempotency key starts or ends with a space".into());
+    }
+    Ok(())
+}
+
+/// `POST /v1/claim`: try to become the one execution of a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    /// Which record.
+    pub record: RecordId,
+    /// Lowercase hex SHA-256 request fingerprint ([`Fingerprint`]).
+    pub fingerprint: String,
+    /// Name of the filter route that matched (for the admin side and events).
+    pub route: String,
+    /// Request method, e.g. `POST`.
+    pub method: String,
+    /// Request path with query, as the client sent it.
+    pub path: String,
+    /// How long the in-flight lock lives, in milliseconds. After it the record may be
+    /// claimed again and the first holder's `complete` is refused (lock lost).
+    pub lock_ttl_ms: u64,
+}
+
+/// The store's answer to a claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClaimOutcome {
+    /// No record existed (or its lock had expired): the caller holds the lock and must
+    /// forward the request, then call `complete` or `release` with this token.
+    Acquired {
+        /// Fencing token: `complete`/`release` succeed only while it is the current one.
+        fencing_token: String,
+    },
+    /// Another request with this key holds the lock now (IETF draft section 2.7: 409).
+    InFlight {
+        /// Remaining lock time in milliseconds; the filter turns it into `Retry-After`.
+        retry_after_ms: u64,
+    },
+    /// A completed record with the same fingerprint: replay this response.
+    Replay {
+        /// The stored response.
+        response: StoredResponse,
+    },
+    /// A completed record (or a lock) with another fingerprint: the key was reused for a
+    /// different request (IETF draft section 2.7: 422).
+    Mismatch,
+    /// A completed record whose response was not stored (it exceeded the response body
+    /// cap): the request must not run again and cannot be replayed (409 of its own type).
+    NotReplayable {
+        /// The status the original execution answered with.
+        status: u16,
+    },
+}
+
+/// `POST /v1/complete`: store the response of the execution that holds the lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteRequest {
+    /// Which record.
+    pub record: RecordId,
+    /// The token from [`ClaimOutcome::Acquired`].
+    pub fencing_token: String,
+    /// The upstream's status code.
+    pub status: u16,
+    /// The response to replay, or `None` when it is not replayable (body over the cap):
+    /// the record is then completed but a retry gets [`ClaimOutcome::NotReplayable`].
+    pub response: Option<StoredResponse>,
+    /// How long the completed record lives, in seconds.
+    pub ttl_s: u64,
+}
+
+/// The store's answer to a complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
+pub enum CompleteOutcome {
+    /// The response is stored; retries replay it.
+    Completed,
+    /// The fencing token is no longer current (the lock expired and maybe another request
+    /// claimed the key, or an operator released it). Nothing was written.
+    LockLost,
+}
+
+/// `POST /v1/release`: give the key up so a retry executes again (e.g. after a 5xx).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRequest {
+    /// Which record.
+    pub record: RecordId,
+    /// The token from [`ClaimOutcome::Acquired`].
+    pub fencing_token: String,
+    /// The upstream's status code that made the filter release (for events), if any.
+    pub status: Option<u16>,
+}
+
+/// The store's answer to a release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ReleaseOutcome {
+    /// The lock is gone; the next claim acquires.
+    Released,
+    /// The fencing token is no longer current; nothing was deleted.
+    LockLost,
+}
+
+/// A response as stored for replay: byte-faithful.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredResponse {
+    /// HTTP status code.
+    pub status: u16,
+    /// Header fields in the order the upstream sent them, names lowercase, each value as
+    /// it was (repeated fields stay separate entries, values are never split at commas).
+    pub headers: Vec<(String, String)>,
+    /// Body bytes, base64 (RFC 4648 standard alphabet, padded) on the wire.
+    #[serde(with = "b64")]
+    pub body: Vec<u8>,
+}
+
+mod b64 {
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> RecordId {
+        RecordId {
+            scope: scope_hash("authorization", b"Bearer a"),
+            key: "k-1".into(),
+        }
+    }
+
+    #[test]
+    fn claim_outcomes_round_trip_with_a_tag() {
+        let replay = ClaimOutcome::Replay {
+            response: StoredResponse {
+                status: 201,
+                headers: vec![("location".into(), "/v1/payments/1".into())],
+                body: vec![0, 159, 146, 150],
+            },
+        };
+        let json = serde_json::to_string(&replay).unwrap_or_default();
+        assert!(json.contains("\"outcome\":\"replay\""), "{json}");
+        assert!(json.contains("\"body\":\"AJ+Slg==\""), "{json}");
+        let back: ClaimOutcome = serde_json::from_str(&json).unwrap_or(ClaimOutcome::Mismatch);
+        assert_eq!(back, replay);
+        let acquired: ClaimOutcome =
+            serde_json::from_str(r#"{"outcome":"acquired","fencing_token":"7"}"#)
+                .unwrap_or(ClaimOutcome::Mismatch);
+        assert_eq!(
+            acquired,
+            ClaimOutcome::Acquired {
+                fencing_token: "7".into()
+            }
+        );
+    }
+
+    #[test]
+    fn claim_request_round_trips() {
+        let req = ClaimRequest {
+            record: id(),
+            fingerprint: "00".repeat(32),
+            route: "payments".into(),
+            method: "POST".into(),
+            path: "/v1/payments".into(),
+            lock_ttl_ms: 60_000,
+        };
+        let json = serde_json::to_value(&req).unwrap_or_default();
+        assert_eq!(json["record"]["key"], "k-1");
+        assert_eq!(json["record"]["scope"].as_str().map(str::len), Some(64));
+        let back: Result<ClaimRequest, _> = serde_json::from_value(json);
+        assert_eq!(back.ok(), Some(req));
+    }
+
+    #[test]
+    fn record_id_validation() {
+        assert!(id().validate().is_ok());
+        let mut bad = id();
+        bad.scope = "ABC".into();
+        assert!(bad.validate().is_err());
+        bad = id();
+        bad.key = String::new();
+        assert!(bad.validate().is_err());
+        bad.key = "x".repeat(256);
+        assert!(bad.validate().is_err());
+        bad.key = "a\u{7}b".into();
+        assert!(bad.validate().is_err());
+        bad.key = "x".repeat(255);
+        assert!(bad.validate().is_ok());
+        bad.scope = GLOBAL_SCOPE.into();
+        assert!(bad.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let r: Result<ReleaseRequest, _> = serde_json::from_str(
+            r#"{"record":{"scope":"global","key":"a"},"fencing_token":"1","status":null,"extra":1}"#,
+        );
+        assert!(r.is_err());
+    }
+}
