@@ -1,0 +1,170 @@
+//! The store API the filter calls: `POST /v1/claim`, `/v1/complete`, `/v1/release` and
+//! `GET /healthz`.
+//!
+//! Bodies are JSON exactly as in [`idemgate_protocol`]. A body that does not parse (bad
+//! JSON, unknown field, wrong type) or breaks a rule below answers 400 `BadStoreCall`;
+//! Redis errors and calls slower than `--redis-timeout-ms` answer 503 `StoreUnavailable`.
+//!
+//! Validation rules (server side, on top of serde):
+//! - `record`: [`idemgate_protocol::RecordId::validate`].
+//! - `fingerprint`: 64 lowercase hex digits (a SHA-256, see `idemgate_protocol::fingerprint`).
+//! - `lock_ttl_ms`: 1..=[`MAX_LOCK_TTL_MS`].
+//! - `ttl_s`: 1..=[`MAX_TTL_S`].
+//! - `fencing_token`: 32 lowercase hex digits (the shape [`crate::store::new_fencing_token`]
+//!   issues).
+//! - `status`: 100..=599, and equal to `response.status` when a response is given.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use idemgate_protocol::{
+    ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, ReleaseOutcome, ReleaseRequest,
+};
+use serde::de::DeserializeOwned;
+
+use crate::error::AppError;
+use crate::AppState;
+
+/// Longest accepted `lock_ttl_ms`: one day.
+pub const MAX_LOCK_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+/// Longest accepted `ttl_s` of a completed record: 365 days.
+pub const MAX_TTL_S: u64 = 365 * 24 * 60 * 60;
+/// Largest store API request body, in bytes (stored responses can be big): 16 MiB.
+pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+
+/// Parses a JSON body into `T`, mapping every failure to [`AppError::BadStoreCall`].
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, AppError> {
+    let bytes = body.map_err(|rejection| AppError::BadStoreCall(rejection.body_text()))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| AppError::BadStoreCall(format!("the body is not a valid store call: {e}")))
+}
+
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn check_token(token: &str) -> Result<(), AppError> {
+    if is_lower_hex(token, 32) {
+        Ok(())
+    } else {
+        Err(AppError::BadStoreCall(
+            "fencing_token must be 32 lowercase hex digits, as returned by claim".into(),
+        ))
+    }
+}
+
+fn check_status(status: u16, field: &str) -> Result<(), AppError> {
+    if (100..=599).contains(&status) {
+        Ok(())
+    } else {
+        Err(AppError::BadStoreCall(format!(
+            "{field} must be an HTTP status code (100..=599), got {status}"
+        )))
+    }
+}
+
+fn validate_claim(req: &ClaimRequest) -> Result<(), AppError> {
+    req.record.validate().map_err(AppError::BadStoreCall)?;
+    if !is_lower_hex(&req.fingerprint, 64) {
+        return Err(AppError::BadStoreCall(
+            "fingerprint must be 64 lowercase hex digits".into(),
+        ));
+    }
+    if !(1..=MAX_LOCK_TTL_MS).contains(&req.lock_ttl_ms) {
+        return Err(AppError::BadStoreCall(format!(
+            "lock_ttl_ms must be 1..={MAX_LOCK_TTL_MS}, got {}",
+            req.lock_ttl_ms
+        )));
+    }
+    Ok(())
+}
+
+/// Validates a complete call and returns the completed record's TTL in milliseconds.
+fn validate_complete(req: &CompleteRequest) -> Result<u64, AppError> {
+    req.record.validate().map_err(AppError::BadStoreCall)?;
+    check_token(&req.fencing_token)?;
+    check_status(req.status, "status")?;
+    if let Some(resp) = &req.response {
+        if resp.status != req.status {
+            return Err(AppError::BadStoreCall(format!(
+                "response.status ({}) differs from status ({})",
+                resp.status, req.status
+            )));
+        }
+    }
+    if !(1..=MAX_TTL_S).contains(&req.ttl_s) {
+        return Err(AppError::BadStoreCall(format!(
+            "ttl_s must be 1..={MAX_TTL_S}, got {}",
+            req.ttl_s
+        )));
+    }
+    Ok(req.ttl_s * 1000)
+}
+
+fn validate_release(req: &ReleaseRequest) -> Result<(), AppError> {
+    req.record.validate().map_err(AppError::BadStoreCall)?;
+    check_token(&req.fencing_token)?;
+    if let Some(status) = req.status {
+        check_status(status, "status")?;
+    }
+    Ok(())
+}
+
+/// `POST /v1/claim`: [`ClaimRequest`] in, 200 [`ClaimOutcome`] out.
+pub async fn claim(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ClaimOutcome>, AppError> {
+    let req: ClaimRequest = parse(body)?;
+    validate_claim(&req)?;
+    let outcome = state.store.claim(&req).await?;
+    tracing::debug!(route = %req.route, ?outcome, "claim");
+    Ok(Json(outcome))
+}
+
+/// `POST /v1/complete`: [`CompleteRequest`] in, 200 [`CompleteOutcome`] out.
+pub async fn complete(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<CompleteOutcome>, AppError> {
+    let req: CompleteRequest = parse(body)?;
+    let ttl_ms = validate_complete(&req)?;
+    let outcome = state.store.complete(&req, ttl_ms).await?;
+    tracing::debug!(status = req.status, ?outcome, "complete");
+    Ok(Json(outcome))
+}
+
+/// `POST /v1/release`: [`ReleaseRequest`] in, 200 [`ReleaseOutcome`] out.
+pub async fn release(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<ReleaseOutcome>, AppError> {
+    let req: ReleaseRequest = parse(body)?;
+    validate_release(&req)?;
+    let outcome = state.store.release(&req).await?;
+    tracing::debug!(status = ?req.status, ?outcome, "release");
+    Ok(Json(outcome))
+}
+
+/// `GET /healthz`: 200 `{"redis":"up"}` when a Redis `PING` answers within the timeout,
+/// else 503 `{"redis":"down"}`. The readiness probe of the harness.
+pub async fn healthz(State(state): State<Arc<AppState>>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => (StatusCode::OK, Json(serde_json::json!({"redis": "up"}))).into_response(),
+        Err(err) => {
+            tracing::debug!(error = %err, "healthz: redis down");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({"redis": "down"})),
+            )
+                .into_response()
+        }
+    }
+}

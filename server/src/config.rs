@@ -1,0 +1,217 @@
+//! Command line and environment: `idemgate-server serve [flags]`, validated at start.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The idemgate server: the store API the Envoy filter calls and the admin listener.
+#[derive(Debug, Parser)]
+#[command(name = "idemgate-server", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the store API and the admin listener until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+/// Flags of `serve`; each also reads an environment variable.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Redis URL (redis://[user:password@]host:port[/db] or redis+unix:///path).
+    #[arg(
+        long,
+        env = "IDEMGATE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+
+    /// Address of the store API listener (the Envoy cluster the filter calls).
+    #[arg(long, env = "IDEMGATE_STORE_LISTEN", default_value = "127.0.0.1:8180")]
+    pub store_listen: SocketAddr,
+
+    /// Address of the admin listener (dashboard and /api).
+    #[arg(long, env = "IDEMGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8181")]
+    pub admin_listen: SocketAddr,
+
+    /// Longest a store call may wait for Redis, in milliseconds (1..=60000); slower calls
+    /// answer 503.
+    #[arg(long, env = "IDEMGATE_REDIS_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_timeout_ms: u64,
+
+    /// Prefix of every Redis key (1..=64 of A-Z a-z 0-9 _ - . :); records live at
+    /// `{prefix}:rec:{scope}:{key}`.
+    #[arg(long, env = "IDEMGATE_KEY_PREFIX", default_value = "idemgate")]
+    pub key_prefix: String,
+}
+
+/// Largest accepted `--redis-timeout-ms`.
+pub const MAX_REDIS_TIMEOUT_MS: u64 = 60_000;
+
+/// A `serve` configuration that passed validation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Parsed Redis client (does not connect).
+    pub redis: redis::Client,
+    /// The Redis URL with any password replaced by `***`, for logs.
+    pub redis_url_redacted: String,
+    /// Store API listen address.
+    pub store_listen: SocketAddr,
+    /// Admin listen address.
+    pub admin_listen: SocketAddr,
+    /// Per-call Redis timeout.
+    pub redis_timeout: Duration,
+    /// Redis key prefix.
+    pub key_prefix: String,
+}
+
+/// Why a configuration was refused at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--redis-url` does not parse.
+    #[error("--redis-url / IDEMGATE_REDIS_URL {url:?} is not a usable Redis URL: {source}")]
+    RedisUrl {
+        /// The URL, redacted.
+        url: String,
+        /// The parser's reason.
+        source: redis::RedisError,
+    },
+    /// `--redis-timeout-ms` out of range.
+    #[error("--redis-timeout-ms / IDEMGATE_REDIS_TIMEOUT_MS must be 1..={MAX_REDIS_TIMEOUT_MS}, got {0}")]
+    RedisTimeout(u64),
+    /// `--key-prefix` empty, too long or with characters outside the allowed set.
+    #[error(
+        "--key-prefix / IDEMGATE_KEY_PREFIX {0:?} must be 1..=64 characters of A-Z a-z 0-9 _ - . :"
+    )]
+    KeyPrefix(String),
+    /// Both listeners on one address.
+    #[error("--store-listen and --admin-listen are both {0}; they must differ")]
+    SameListen(SocketAddr),
+}
+
+impl ServeArgs {
+    /// Validates the flags into a [`Config`].
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the flag, its environment variable and the rule.
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let redacted = redact_url(&self.redis_url);
+        let redis = redis::Client::open(self.redis_url.as_str()).map_err(|source| {
+            ConfigError::RedisUrl {
+                url: redacted.clone(),
+                source,
+            }
+        })?;
+        if !(1..=MAX_REDIS_TIMEOUT_MS).contains(&self.redis_timeout_ms) {
+            return Err(ConfigError::RedisTimeout(self.redis_timeout_ms));
+        }
+        let prefix_ok = (1..=64).contains(&self.key_prefix.len())
+            && self
+                .key_prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+        if !prefix_ok {
+            return Err(ConfigError::KeyPrefix(self.key_prefix.clone()));
+        }
+        if self.store_listen == self.admin_listen {
+            return Err(ConfigError::SameListen(self.store_listen));
+        }
+        Ok(Config {
+            redis,
+            redis_url_redacted: redacted,
+            store_listen: self.store_listen,
+            admin_listen: self.admin_listen,
+            redis_timeout: Duration::from_millis(self.redis_timeout_ms),
+            key_prefix: self.key_prefix.clone(),
+        })
+    }
+}
+
+/// Replaces the userinfo of a URL (`user:password@`) with `***@`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            store_listen: "127.0.0.1:8180".parse().unwrap(),
+            admin_listen: "127.0.0.1:8181".parse().unwrap(),
+            redis_timeout_ms: 500,
+            key_prefix: "idemgate".into(),
+        }
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let cfg = args().validate().unwrap();
+        assert_eq!(cfg.redis_timeout, Duration::from_millis(500));
+        assert_eq!(cfg.key_prefix, "idemgate");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_flag_name() {
+        let mut a = args();
+        a.redis_url = "http://x".into();
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--redis-url"));
+        let mut a = args();
+        a.redis_timeout_ms = 0;
+        assert!(matches!(a.validate(), Err(ConfigError::RedisTimeout(0))));
+        let mut a = args();
+        a.key_prefix = "has space".into();
+        assert!(matches!(a.validate(), Err(ConfigError::KeyPrefix(_))));
+        let mut a = args();
+        a.key_prefix = "tag{x}".into();
+        assert!(matches!(a.validate(), Err(ConfigError::KeyPrefix(_))));
+        let mut a = args();
+        a.admin_listen = a.store_listen;
+        assert!(matches!(a.validate(), Err(ConfigError::SameListen(_))));
+    }
+
+    #[test]
+    fn cli_parses_serve_flags() {
+        let cli = Cli::try_parse_from([
+            "idemgate-server",
+            "serve",
+            "--redis-url",
+            "redis://10.0.0.1:7000",
+            "--store-listen",
+            "0.0.0.0:9000",
+            "--redis-timeout-ms",
+            "250",
+        ])
+        .unwrap();
+        let Command::Serve(s) = cli.command;
+        assert_eq!(s.redis_url, "redis://10.0.0.1:7000");
+        assert_eq!(s.store_listen.port(), 9000);
+        assert_eq!(s.redis_timeout_ms, 250);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://u:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+}

@@ -1,0 +1,278 @@
+//! The idempotency store on Redis: one hash per record, three single-key Lua scripts.
+//!
+//! # Key layout
+//!
+//! One hash per record at `{prefix}:rec:{scope}:{key}` ([`Store::record_key`]): `prefix` is
+//! `--key-prefix`, `scope` is 64 lowercase hex or `global` and `key` the client's
+//! idempotency key (printable ASCII, validated by [`idemgate_protocol::RecordId::validate`]).
+//! Key names are built here, never inside Lua, and every script touches exactly that one
+//! key (`KEYS[1]`), so the layout works on Redis Cluster without cross-slot errors.
+//!
+//! # Hash fields
+//!
+//! | field | written by | meaning |
+//! |---|---|---|
+//! | `state` | claim, complete | `in_flight` or `completed` |
+//! | `token` | claim | the current fencing token (32 lowercase hex) |
+//! | `fp` | claim | request fingerprint (64 lowercase hex) |
+//! | `route`, `method`, `path` | claim | what the request was, for the admin side |
+//! | `created_ms`, `lock_expires_ms` | claim | Unix time in ms (Redis clock) |
+//! | `status` | complete | upstream status code |
+//! | `headers` | complete | JSON array of `[name, value]` pairs, order and repeats kept |
+//! | `body` | complete | raw body bytes (binary-safe, not base64) |
+//! | `replayable` | complete | `1` or `0` |
+//! | `completed_ms`, `expires_ms` | complete | Unix time in ms (Redis clock) |
+//! | `replays`, `last_replay_ms` | complete (0), claim (replay) | replay count and last time |
+//!
+//! Every record has a TTL: the lock TTL while in flight, `ttl_s` once completed.
+//!
+//! # Fencing
+//!
+//! The fencing token fences by equality. When the lock TTL passes, the in-flight record
+//! vanishes; the next claim writes a fresh token, so the first holder's late `complete` or
+//! `release` finds another token (or no record) and is refused as `lock_lost`, writing
+//! nothing.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use idemgate_protocol::{
+    ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId, ReleaseOutcome,
+    ReleaseRequest, StoredResponse,
+};
+use redis::aio::ConnectionManager;
+use redis::{Script, Value};
+
+/// `claim` script; see `lua/claim.lua` for KEYS, ARGV and the return shape.
+static CLAIM_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/claim.lua")));
+/// `complete` script; see `lua/complete.lua` for KEYS, ARGV and the return shape.
+static COMPLETE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/complete.lua")));
+/// `release` script; see `lua/release.lua` for KEYS, ARGV and the return shape.
+static RELEASE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("lua/release.lua")));
+
+/// Why a store call could not be answered.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis answered with an error or the connection failed.
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Redis did not answer within the configured timeout (`--redis-timeout-ms`).
+    #[error("redis did not answer within {timeout_ms} ms")]
+    Timeout {
+        /// The timeout that passed, in milliseconds.
+        timeout_ms: u64,
+    },
+    /// A script answered with a shape this server does not understand, or a record holds
+    /// data it cannot decode (e.g. a record written by something else).
+    #[error("unexpected store data: {0}")]
+    Corrupt(String),
+}
+
+/// Handle to the Redis store. Cheap to clone; holds no state a second instance would need.
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    key_prefix: String,
+    timeout: Duration,
+}
+
+impl Store {
+    /// Creates a store over `client` without connecting: the [`ConnectionManager`] connects
+    /// on first use and reconnects by itself, so the server starts while Redis is down.
+    ///
+    /// `timeout` bounds every store call (connect, command and response together).
+    ///
+    /// # Errors
+    /// Only a client configuration the connection manager refuses.
+    pub fn new(
+        client: redis::Client,
+        key_prefix: impl Into<String>,
+        timeout: Duration,
+    ) -> Result<Self, StoreError> {
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(3)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        Ok(Self {
+            conn,
+            key_prefix: key_prefix.into(),
+            timeout,
+        })
+    }
+
+    /// The Redis key of a record: `{prefix}:rec:{scope}:{key}`.
+    pub fn record_key(&self, id: &RecordId) -> String {
+        format!("{}:rec:{}:{}", self.key_prefix, id.scope, id.key)
+    }
+
+    /// Runs `fut` under the store timeout.
+    async fn timed<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(StoreError::Timeout {
+                timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+            }),
+        }
+    }
+
+    /// `PING`: `Ok(())` when Redis answers within the timeout.
+    ///
+    /// # Errors
+    /// [`StoreError::Redis`] or [`StoreError::Timeout`].
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let pong: String = self
+            .timed(async move { redis::cmd("PING").query_async(&mut conn).await })
+            .await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Corrupt(format!("PING answered {pong:?}")))
+        }
+    }
+
+    /// Runs the claim script with a fresh fencing token. The request must be validated.
+    ///
+    /// # Errors
+    /// [`StoreError`] when Redis cannot answer in time or answers something unexpected.
+    pub async fn claim(&self, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
+        let key = self.record_key(&req.record);
+        let token = new_fencing_token();
+        let mut conn = self.conn.clone();
+        let mut invocation = CLAIM_SCRIPT.key(&key);
+        invocation
+            .arg(&token)
+            .arg(&req.fingerprint)
+            .arg(&req.route)
+            .arg(&req.method)
+            .arg(&req.path)
+            .arg(req.lock_ttl_ms);
+        let value: Value = self
+            .timed(async { invocation.invoke_async(&mut conn).await })
+            .await?;
+        parse_claim(value, token)
+    }
+
+    /// Runs the complete script. `ttl_ms` is the completed record's lifetime; the request
+    /// must be validated (see [`crate::api`]).
+    ///
+    /// # Errors
+    /// [`StoreError`] when Redis cannot answer in time or answers something unexpected.
+    pub async fn complete(
+        &self,
+        req: &CompleteRequest,
+        ttl_ms: u64,
+    ) -> Result<CompleteOutcome, StoreError> {
+        let key = self.record_key(&req.record);
+        let (headers_json, body, replayable): (Vec<u8>, &[u8], u8) = match &req.response {
+            Some(resp) => (
+                serde_json::to_vec(&resp.headers)
+                    .map_err(|e| StoreError::Corrupt(format!("encoding headers: {e}")))?,
+                &resp.body,
+                1,
+            ),
+            None => (Vec::new(), &[], 0),
+        };
+        let mut conn = self.conn.clone();
+        let mut invocation = COMPLETE_SCRIPT.key(&key);
+        invocation
+            .arg(&req.fencing_token)
+            .arg(req.status)
+            .arg(headers_json)
+            .arg(body)
+            .arg(replayable)
+            .arg(ttl_ms);
+        let answer: String = self
+            .timed(async { invocation.invoke_async(&mut conn).await })
+            .await?;
+        match answer.as_str() {
+            "completed" => Ok(CompleteOutcome::Completed),
+            "lock_lost" => Ok(CompleteOutcome::LockLost),
+            other => Err(StoreError::Corrupt(format!("complete answered {other:?}"))),
+        }
+    }
+
+    /// Runs the release script.
+    ///
+    /// # Errors
+    /// [`StoreError`] when Redis cannot answer in time or answers something unexpected.
+    pub async fn release(&self, req: &ReleaseRequest) -> Result<ReleaseOutcome, StoreError> {
+        let key = self.record_key(&req.record);
+        let mut conn = self.conn.clone();
+        let mut invocation = RELEASE_SCRIPT.key(&key);
+        invocation.arg(&req.fencing_token);
+        let answer: String = self
+            .timed(async { invocation.invoke_async(&mut conn).await })
+            .await?;
+        match answer.as_str() {
+            "released" => Ok(ReleaseOutcome::Released),
+            "lock_lost" => Ok(ReleaseOutcome::LockLost),
+            other => Err(StoreError::Corrupt(format!("release answered {other:?}"))),
+        }
+    }
+}
+
+/// A fresh fencing token: 128 random bits as 32 lowercase hex digits.
+pub fn new_fencing_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Decodes the claim script's array answer (see `lua/claim.lua`).
+fn parse_claim(value: Value, token: String) -> Result<ClaimOutcome, StoreError> {
+    let items = match value {
+        Value::Array(items) => items,
+        other => return Err(StoreError::Corrupt(format!("claim answered {other:?}"))),
+    };
+    let mut items = items.into_iter();
+    let tag = match items.next() {
+        Some(Value::BulkString(b)) => b,
+        Some(Value::SimpleString(s)) => s.into_bytes(),
+        other => return Err(StoreError::Corrupt(format!("claim tag {other:?}"))),
+    };
+    let rest: Vec<Value> = items.collect();
+    match (tag.as_slice(), rest.as_slice()) {
+        (b"acquired", []) => Ok(ClaimOutcome::Acquired {
+            fencing_token: token,
+        }),
+        (b"in_flight", [Value::Int(ms)]) => Ok(ClaimOutcome::InFlight {
+            retry_after_ms: u64::try_from(*ms).unwrap_or(0),
+        }),
+        (b"mismatch", []) => Ok(ClaimOutcome::Mismatch),
+        (b"not_replayable", [Value::Int(status)]) => Ok(ClaimOutcome::NotReplayable {
+            status: status_from(*status)?,
+        }),
+        (
+            b"replay",
+            [Value::Int(status), Value::BulkString(headers_json), Value::BulkString(body)],
+        ) => {
+            let headers: Vec<(String, String)> = serde_json::from_slice(headers_json)
+                .map_err(|e| StoreError::Corrupt(format!("stored headers: {e}")))?;
+            Ok(ClaimOutcome::Replay {
+                response: StoredResponse {
+                    status: status_from(*status)?,
+                    headers,
+                    body: body.clone(),
+                },
+            })
+        }
+        (b"corrupt", _) => Err(StoreError::Corrupt(format!(
+            "record in an unknown state: {rest:?}"
+        ))),
+        (tag, rest) => Err(StoreError::Corrupt(format!(
+            "claim answered {:?} {rest:?}",
+            String::from_utf8_lossy(tag)
+        ))),
+    }
+}
+
+fn status_from(raw: i64) -> Result<u16, StoreError> {
+    u16::try_from(raw).map_err(|_| StoreError::Corrupt(format!("stored status {raw}")))
+}

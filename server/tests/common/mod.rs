@@ -1,0 +1,260 @@
+//! Test helpers: a private redis-server per test and calls through `oneshot`.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use idemgate_server::{admin_app, store_app, AppState, Store};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+/// The redis-server binary: `IDEMGATE_REDIS_SERVER` or `/usr/bin/redis-server`.
+pub fn redis_server_bin() -> PathBuf {
+    std::env::var_os("IDEMGATE_REDIS_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/redis-server"))
+}
+
+/// A free TCP port on 127.0.0.1 (bound to port 0, then released).
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// A redis-server of this test only: own port, own directory, no persistence.
+/// Killed on drop; its log is printed when the test panics.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts on a free port and waits until PING answers.
+    pub fn start() -> Self {
+        Self::start_on(free_port())
+    }
+
+    /// Starts on `port` and waits until PING answers.
+    pub fn start_on(port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut server = Self {
+            port,
+            dir,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// (Re)starts the process on the same port and directory; waits until PING answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "redis-server is already running");
+        let child = Command::new(redis_server_bin())
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--logfile")
+            .arg(self.log_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", redis_server_bin()));
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if self.ping() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("redis-server exited early with {status}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not answer PING in 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn ping(&self) -> bool {
+        let Ok(client) = redis::Client::open(self.url()) else {
+            return false;
+        };
+        let Ok(mut conn) = client.get_connection_with_timeout(Duration::from_millis(200)) else {
+            return false;
+        };
+        redis::cmd("PING")
+            .query::<String>(&mut conn)
+            .map(|p| p == "PONG")
+            .unwrap_or(false)
+    }
+
+    /// Kills the process and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A plain synchronous connection for checking what the scripts wrote.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .expect("client")
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .expect("connection")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            eprintln!(
+                "----- redis-server log (port {}) -----\n{log}\n-----",
+                self.port
+            );
+        }
+    }
+}
+
+/// Key prefix used by the test apps.
+pub const PREFIX: &str = "t";
+
+/// Store + admin apps over `redis_url` with a 500 ms timeout.
+pub fn apps(redis_url: &str) -> (Router, Router) {
+    let client = redis::Client::open(redis_url).expect("client");
+    let store = Store::new(client, PREFIX, Duration::from_millis(500)).expect("store");
+    let state: Arc<AppState> = AppState::new(store);
+    (store_app(state.clone()), admin_app(state))
+}
+
+/// A response read to the end.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn content_type(&self) -> &str {
+        self.headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+/// Sends one request through `oneshot`.
+pub async fn send(app: &Router, method: &str, path: &str, body: impl Into<Body>) -> Resp {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(body.into())
+        .expect("request");
+    let resp = app.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// POSTs JSON.
+pub async fn post(app: &Router, path: &str, body: &Value) -> Resp {
+    send(app, "POST", path, serde_json::to_vec(body).expect("json")).await
+}
+
+/// A scope hash for tenant `name`.
+pub fn scope(name: &str) -> String {
+    idemgate_protocol::scope_hash("authorization", name.as_bytes())
+}
+
+/// A 64-hex fingerprint made from `seed`.
+pub fn fp(seed: &str) -> String {
+    idemgate_protocol::scope_hash("fp-for-tests", seed.as_bytes())
+}
+
+pub fn claim_body(scope: &str, key: &str, fingerprint: &str, lock_ttl_ms: u64) -> Value {
+    json!({
+        "record": {"scope": scope, "key": key},
+        "fingerprint": fingerprint,
+        "route": "payments",
+        "method": "POST",
+        "path": "/v1/payments?x=1",
+        "lock_ttl_ms": lock_ttl_ms,
+    })
+}
+
+/// Claims and expects `acquired`; returns the fencing token.
+pub async fn acquire(
+    app: &Router,
+    scope: &str,
+    key: &str,
+    fingerprint: &str,
+    lock_ttl_ms: u64,
+) -> String {
+    let r = post(
+        app,
+        "/v1/claim",
+        &claim_body(scope, key, fingerprint, lock_ttl_ms),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    let v = r.json();
+    assert_eq!(v["outcome"], "acquired", "{v}");
+    let token = v["fencing_token"].as_str().expect("token").to_owned();
+    assert_eq!(token.len(), 32, "{token}");
+    assert!(
+        token
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+        "{token}"
+    );
+    token
+}
