@@ -1,0 +1,538 @@
+//! The per-request decision state machine: one [`Exchange`] per HTTP stream.
+//!
+//! ```text
+//! request headers ──(no route / optional key absent)──────────────► PassThrough
+//!        │ protected, key valid
+//!        ▼
+//!   Buffering ──(end of stream)──► Claiming ──acquired──► Forwarded ──resp headers──► Capturing
+//!        │ (413)                       │ replay ──► Replaying (local reply, headers fixed up)
+//!        ▼                             │ in_flight 409 / mismatch 422 / not_replayable 409
+//!     Answered ◄───────────────────────┘ store error: 503 (closed) or PassThrough (open)
+//!   Capturing ──(end of stream)──► Finishing (complete or release sent, response paused) ──► Done
+//! ```
+//!
+//! The upstream never sees a request the filter answers itself: request headers are held
+//! (`allow_on_headers_stop_iteration`) until the claim says `acquired`.
+
+use std::rc::Rc;
+
+use idemgate_protocol::fingerprint::Fingerprint;
+use idemgate_protocol::problem::PROBLEM_JSON;
+use idemgate_protocol::{
+    scope_hash, ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, Problem, ProblemType,
+    RecordId, ReleaseOutcome, ReleaseRequest, StoredResponse, CLAIM_PATH, COMPLETE_PATH, GLOBAL_SCOPE,
+    RELEASE_PATH,
+};
+use serde::de::DeserializeOwned;
+
+use crate::config::{Config, FailureMode, KeyRequirement, Route, ScopeSource};
+use crate::host::{Host, Level, Metric, StoreCall, StoreReply};
+use crate::key::parse_key;
+
+/// The header that carries the key (IETF draft section 2).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The marker on replayed responses (Stripe's name).
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// `Retry-After` on 503 when the store cannot answer, seconds.
+pub const STORE_UNAVAILABLE_RETRY_AFTER_S: u64 = 1;
+
+/// What the glue returns to Envoy from a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Let the stream go on.
+    Continue,
+    /// Hold it (headers: `StopIteration`; body: `StopIterationAndBuffer`).
+    Pause,
+}
+
+/// A protected request waiting for its body or its claim.
+struct Pending {
+    route: Rc<Route>,
+    record: RecordId,
+    method: String,
+    path: String,
+    fingerprint: Fingerprint,
+}
+
+/// A request that holds the lock and went upstream.
+struct Forwarded {
+    route: Rc<Route>,
+    record: RecordId,
+    fencing_token: String,
+}
+
+/// The upstream response being copied for storage.
+struct Capture {
+    fwd: Forwarded,
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    over_cap: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FinishKind {
+    Complete,
+    Release,
+}
+
+enum Phase {
+    Start,
+    PassThrough,
+    Buffering(Pending),
+    Claiming { pending: Pending, token: u32 },
+    Forwarded(Forwarded),
+    Capturing(Capture),
+    Finishing { token: u32, kind: FinishKind, record: RecordId },
+    Replaying { status: u16, headers: Vec<(String, String)> },
+    Answered,
+    Done,
+}
+
+/// One HTTP stream's idempotency state.
+pub struct Exchange {
+    config: Option<Rc<Config>>,
+    phase: Phase,
+}
+
+impl Exchange {
+    /// A new stream. With `config` `None` (the plugin failed to configure) every request
+    /// passes through.
+    pub fn new(config: Option<Rc<Config>>) -> Self {
+        Self { config, phase: Phase::Start }
+    }
+
+    /// `on_http_request_headers`.
+    pub fn on_request_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Flow {
+        let Some(config) = self.config.clone() else {
+            self.phase = Phase::PassThrough;
+            return Flow::Continue;
+        };
+        let headers = host.request_headers();
+        let method = header(&headers, ":method").unwrap_or_default().to_owned();
+        let path = header(&headers, ":path").unwrap_or_default().to_owned();
+        let Some(route) = config.route_for(&method, &path).cloned() else {
+            self.phase = Phase::PassThrough;
+            return Flow::Continue;
+        };
+        host.count(Metric::Checked, 1);
+
+        let keys: Vec<&str> = values(&headers, IDEMPOTENCY_KEY).collect();
+        let key = match (keys.as_slice(), route.key) {
+            ([], KeyRequirement::Optional) => {
+                self.phase = Phase::PassThrough;
+                return Flow::Continue;
+            }
+            ([], KeyRequirement::Required) => {
+                host.count(Metric::RejectedKeys, 1);
+                return self.reject(host, ProblemType::KeyMissing, format!("{} {path} requires an Idempotency-Key header", method), None);
+            }
+            ([one], _) => match parse_key(one) {
+                Ok(k) => k,
+                Err(detail) => {
+                    host.count(Metric::RejectedKeys, 1);
+                    return self.reject(host, ProblemType::KeyMalformed, detail, None);
+                }
+            },
+            (many, _) => {
+                host.count(Metric::RejectedKeys, 1);
+                return self.reject(
+                    host,
+                    ProblemType::KeyMalformed,
+                    format!("the request has {} Idempotency-Key fields; send exactly one", many.len()),
+                    None,
+                );
+            }
+        };
+
+        let scope = match &route.scope {
+            ScopeSource::Global => GLOBAL_SCOPE.to_owned(),
+            ScopeSource::Header(name) => {
+                // Repeated fields are joined in order, so no part of the credential is ignored.
+                let vals: Vec<&str> = values(&headers, name).collect();
+                if vals.is_empty() {
+                    host.count(Metric::RejectedKeys, 1);
+                    return self.reject(host, ProblemType::ScopeMissing, format!("route {} scopes idempotency keys by the {name} header, which the request lacks", route.name), None);
+                }
+                scope_hash(&route.scope.label(), vals.join("\n").as_bytes())
+            }
+            ScopeSource::Property(path) => match host.property(path) {
+                Some(v) if !v.is_empty() => scope_hash(&route.scope.label(), &v),
+                _ => {
+                    host.count(Metric::RejectedKeys, 1);
+                    return self.reject(host, ProblemType::ScopeMissing, format!("route {} scopes idempotency keys by the attribute {}, which the request lacks", route.name, path.join(".")), None);
+                }
+            },
+        };
+
+        if let Some(len) = header(&headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
+            if len > route.max_request_body_bytes {
+                return self.too_large(host, &route, len);
+            }
+        }
+
+        let mut fingerprint = Fingerprint::new(&method, &path);
+        for name in &route.fingerprint_headers {
+            let mut any = false;
+            for v in values(&headers, name) {
+                fingerprint.header(name, v.as_bytes());
+                any = true;
+            }
+            if !any {
+                fingerprint.absent_header(name);
+            }
+        }
+        let pending = Pending {
+            route,
+            record: RecordId { scope, key },
+            method,
+            path,
+            fingerprint,
+        };
+        if end_of_stream {
+            self.claim(host, pending, &[])
+        } else {
+            self.phase = Phase::Buffering(pending);
+            Flow::Pause
+        }
+    }
+
+    /// `on_http_request_body`. `body_size` is the size of the buffered body so far.
+    pub fn on_request_body(&mut self, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Flow {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Buffering(pending) => {
+                if body_size as u64 > pending.route.max_request_body_bytes {
+                    let route = pending.route.clone();
+                    return self.too_large(host, &route, body_size as u64);
+                }
+                if !end_of_stream {
+                    self.phase = Phase::Buffering(pending);
+                    return Flow::Pause;
+                }
+                let body = host.request_body(body_size);
+                self.claim(host, pending, &body)
+            }
+            other => {
+                let hold = matches!(other, Phase::Claiming { .. } | Phase::Answered | Phase::Replaying { .. });
+                self.phase = other;
+                if hold { Flow::Pause } else { Flow::Continue }
+            }
+        }
+    }
+
+    /// `on_http_request_trailers`: the request ends here if the body had no end flag.
+    pub fn on_request_trailers(&mut self, host: &dyn Host) -> Flow {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Buffering(pending) => {
+                let cap = pending.route.max_request_body_bytes;
+                let body = host.request_body(usize::try_from(cap).unwrap_or(usize::MAX).saturating_add(1));
+                if body.len() as u64 > cap {
+                    let route = pending.route.clone();
+                    return self.too_large(host, &route, body.len() as u64);
+                }
+                self.claim(host, pending, &body)
+            }
+            other => {
+                let hold = matches!(other, Phase::Claiming { .. } | Phase::Answered);
+                self.phase = other;
+                if hold { Flow::Pause } else { Flow::Continue }
+            }
+        }
+    }
+
+    /// `on_http_call_response` for a store call.
+    pub fn on_store_reply(&mut self, host: &dyn Host, token: u32, reply: StoreReply) {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Claiming { pending, token: t } if t == token => self.on_claim_reply(host, pending, reply),
+            Phase::Finishing { token: t, kind, record } if t == token => {
+                self.on_finish_reply(host, kind, &record, reply);
+                host.resume_response();
+            }
+            other => {
+                self.phase = other;
+                host.log(Level::Debug, &format!("idemgate: store reply for unknown call {token} ignored"));
+            }
+        }
+    }
+
+    /// `on_http_response_headers`.
+    pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Flow {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Replaying { status, headers } => {
+                // Envoy built the local reply's headers; make them exactly the stored ones.
+                let current = host.response_headers();
+                let mut exact = Vec::with_capacity(headers.len() + 3);
+                exact.push((":status".to_owned(), status.to_string()));
+                if let Some(len) = header(&current, "content-length") {
+                    exact.push(("content-length".to_owned(), len.to_owned()));
+                }
+                exact.extend(headers);
+                exact.push((REPLAYED_HEADER.to_owned(), "true".to_owned()));
+                host.set_response_headers(&exact);
+                Flow::Continue
+            }
+            Phase::Forwarded(fwd) => {
+                let all = host.response_headers();
+                let status = header(&all, ":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+                let headers = all.into_iter().filter(|(n, _)| fwd.route.stores_header(n)).collect();
+                let capture = Capture { fwd, status, headers, body: Vec::new(), over_cap: false };
+                if end_of_stream {
+                    self.finish(host, capture)
+                } else {
+                    self.phase = Phase::Capturing(capture);
+                    Flow::Continue
+                }
+            }
+            other => {
+                self.phase = other;
+                Flow::Continue
+            }
+        }
+    }
+
+    /// `on_http_response_body`. The body streams on to the client chunk by chunk (each
+    /// callback returns `Continue`, so `body_size` is the new chunk); a copy is kept up to
+    /// the cap; the last chunk is held until the store has the response.
+    pub fn on_response_body(&mut self, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Flow {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Capturing(mut capture) => {
+                if !capture.over_cap && body_size > 0 {
+                    let chunk = host.response_body(body_size);
+                    if (capture.body.len() + chunk.len()) as u64 > capture.fwd.route.max_response_body_bytes {
+                        capture.over_cap = true;
+                        capture.body = Vec::new();
+                        host.count(Metric::BodyCapEvents, 1);
+                        host.log(Level::Info, &format!(
+                            "idemgate: response for key {:?} on route {} exceeds {} bytes; it will not be replayable",
+                            capture.fwd.record.key, capture.fwd.route.name, capture.fwd.route.max_response_body_bytes
+                        ));
+                    } else {
+                        capture.body.extend_from_slice(&chunk);
+                    }
+                }
+                if end_of_stream {
+                    self.finish(host, capture)
+                } else {
+                    self.phase = Phase::Capturing(capture);
+                    Flow::Continue
+                }
+            }
+            other => {
+                let hold = matches!(other, Phase::Finishing { .. });
+                self.phase = other;
+                if hold { Flow::Pause } else { Flow::Continue }
+            }
+        }
+    }
+
+    /// `on_http_response_trailers`: the response ends here.
+    pub fn on_response_trailers(&mut self, host: &dyn Host) -> Flow {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Capturing(capture) => self.finish(host, capture),
+            other => {
+                self.phase = other;
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Whether the exchange forwarded a request whose outcome is not yet stored (used by
+    /// the glue to log a client that went away mid-request; the lock is kept on purpose so
+    /// a retry cannot execute while the upstream may still be running).
+    pub fn holds_lock(&self) -> bool {
+        matches!(self.phase, Phase::Forwarded(_) | Phase::Capturing(_))
+    }
+
+    fn claim(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Flow {
+        let route = pending.route.clone();
+        let fingerprint = pending.fingerprint.clone().finish_with_body(body, &route.body_mode);
+        let request = ClaimRequest {
+            record: pending.record.clone(),
+            fingerprint,
+            route: route.name.clone(),
+            method: pending.method.clone(),
+            path: pending.path.clone(),
+            lock_ttl_ms: route.lock_ttl_ms,
+        };
+        let call = StoreCall { path: CLAIM_PATH, body: to_json(&request), detached: false };
+        match host.dispatch(call) {
+            Ok(token) => {
+                self.phase = Phase::Claiming { pending, token };
+                Flow::Pause
+            }
+            Err(reason) => self.store_failed(host, &route, &format!("claim could not be dispatched: {reason}")),
+        }
+    }
+
+    fn on_claim_reply(&mut self, host: &dyn Host, pending: Pending, reply: StoreReply) {
+        let route = pending.route.clone();
+        let outcome = match decode::<ClaimOutcome>(&reply) {
+            Ok(o) => o,
+            Err(reason) => {
+                if self.store_failed(host, &route, &format!("claim failed: {reason}")) == Flow::Continue {
+                    host.resume_request();
+                }
+                return;
+            }
+        };
+        match outcome {
+            ClaimOutcome::Acquired { fencing_token } => {
+                host.count(Metric::Acquired, 1);
+                self.phase = Phase::Forwarded(Forwarded { route, record: pending.record, fencing_token });
+                host.resume_request();
+            }
+            ClaimOutcome::Replay { response } => {
+                host.count(Metric::Replayed, 1);
+                let StoredResponse { status, headers, body } = response;
+                host.local_reply(status, &headers, &body);
+                self.phase = Phase::Replaying { status, headers };
+            }
+            ClaimOutcome::InFlight { retry_after_ms } => {
+                host.count(Metric::InFlightConflicts, 1);
+                let secs = retry_after_ms.div_ceil(1000).max(1);
+                self.reject(host, ProblemType::InFlight, format!("a request with Idempotency-Key {:?} is still being processed; retry after {secs} s", pending.record.key), Some(secs));
+            }
+            ClaimOutcome::Mismatch => {
+                host.count(Metric::Mismatches, 1);
+                self.reject(host, ProblemType::KeyReused, format!("Idempotency-Key {:?} was already used with a different request (method, path, or body differ)", pending.record.key), None);
+            }
+            ClaimOutcome::NotReplayable { status } => {
+                host.count(Metric::NotReplayable, 1);
+                self.reject(host, ProblemType::NotReplayable, format!("the request with Idempotency-Key {:?} completed with status {status}, but its response was too large to store; it will not be executed again", pending.record.key), None);
+            }
+        }
+    }
+
+    /// The store could not answer: the route's failure mode decides.
+    fn store_failed(&mut self, host: &dyn Host, route: &Route, reason: &str) -> Flow {
+        host.count(Metric::StoreErrors, 1);
+        match route.failure_mode {
+            FailureMode::Closed => {
+                host.log(Level::Warn, &format!("idemgate: route {}: {reason}; failing closed (503)", route.name));
+                self.reject(host, ProblemType::StoreUnavailable, "the idempotency store did not answer; retry later".to_owned(), Some(STORE_UNAVAILABLE_RETRY_AFTER_S))
+            }
+            FailureMode::Open => {
+                host.log(Level::Warn, &format!("idemgate: route {}: {reason}; failing open (forwarding unprotected)", route.name));
+                host.count(Metric::FailOpenPasses, 1);
+                self.phase = Phase::PassThrough;
+                Flow::Continue
+            }
+        }
+    }
+
+    fn too_large(&mut self, host: &dyn Host, route: &Route, size: u64) -> Flow {
+        host.count(Metric::BodyCapEvents, 1);
+        self.reject(
+            host,
+            ProblemType::RequestTooLarge,
+            format!("the request body has at least {size} bytes; route {} fingerprints at most {} bytes", route.name, route.max_request_body_bytes),
+            None,
+        )
+    }
+
+    fn reject(&mut self, host: &dyn Host, kind: ProblemType, detail: String, retry_after_s: Option<u64>) -> Flow {
+        let mut problem = Problem::new(kind, detail);
+        let mut headers = vec![
+            ("content-type".to_owned(), PROBLEM_JSON.to_owned()),
+            ("cache-control".to_owned(), "no-store".to_owned()),
+        ];
+        if let Some(s) = retry_after_s {
+            problem = problem.with_retry_after_s(s);
+            headers.push(("retry-after".to_owned(), s.to_string()));
+        }
+        host.local_reply(kind.status(), &headers, &problem.to_json());
+        self.phase = Phase::Answered;
+        Flow::Pause
+    }
+
+    /// The response is complete: store it (`complete`) or give the key up (`release`).
+    fn finish(&mut self, host: &dyn Host, capture: Capture) -> Flow {
+        let Capture { fwd, status, headers, body, over_cap } = capture;
+        let route = fwd.route.clone();
+        let (kind, call) = if route.store_statuses.stores(status) {
+            let response = (!over_cap).then_some(StoredResponse { status, headers, body });
+            let request = CompleteRequest {
+                record: fwd.record.clone(),
+                fencing_token: fwd.fencing_token,
+                status,
+                response,
+                ttl_s: route.ttl_s,
+            };
+            (FinishKind::Complete, StoreCall { path: COMPLETE_PATH, body: to_json(&request), detached: true })
+        } else {
+            let request = ReleaseRequest { record: fwd.record.clone(), fencing_token: fwd.fencing_token, status: Some(status) };
+            (FinishKind::Release, StoreCall { path: RELEASE_PATH, body: to_json(&request), detached: true })
+        };
+        match host.dispatch(call) {
+            Ok(token) => {
+                self.phase = Phase::Finishing { token, kind, record: fwd.record };
+                Flow::Pause
+            }
+            Err(reason) => {
+                host.count(Metric::StoreErrors, 1);
+                host.log(Level::Warn, &format!(
+                    "idemgate: route {}: {kind:?} for key {:?} could not be dispatched ({reason}); the lock expires after {} ms",
+                    route.name, fwd.record.key, route.lock_ttl_ms
+                ));
+                self.phase = Phase::Done;
+                Flow::Continue
+            }
+        }
+    }
+
+    fn on_finish_reply(&mut self, host: &dyn Host, kind: FinishKind, record: &RecordId, reply: StoreReply) {
+        let lost = match kind {
+            FinishKind::Complete => decode::<CompleteOutcome>(&reply).map(|o| {
+                host.count(if o == CompleteOutcome::Completed { Metric::Completed } else { Metric::LockLost }, 1);
+                o == CompleteOutcome::LockLost
+            }),
+            FinishKind::Release => decode::<ReleaseOutcome>(&reply).map(|o| {
+                host.count(if o == ReleaseOutcome::Released { Metric::Released } else { Metric::LockLost }, 1);
+                o == ReleaseOutcome::LockLost
+            }),
+        };
+        match lost {
+            Ok(false) => {}
+            Ok(true) => host.log(Level::Warn, &format!(
+                "idemgate: {kind:?} for key {:?} refused: the lock expired or was released before the upstream answered (lock lost)",
+                record.key
+            )),
+            Err(reason) => {
+                host.count(Metric::StoreErrors, 1);
+                host.log(Level::Warn, &format!("idemgate: {kind:?} for key {:?} failed: {reason}; the lock expires by itself", record.key));
+            }
+        }
+        self.phase = Phase::Done;
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+fn values<'a>(headers: &'a [(String, String)], name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    headers.iter().filter(move |(n, _)| n == name).map(|(_, v)| v.as_str())
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Our wire types hold strings, integers and byte vectors only: serializing cannot fail.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: DeserializeOwned>(reply: &StoreReply) -> Result<T, String> {
+    match reply.status {
+        None => Err("the store call failed or timed out".into()),
+        Some(200) => serde_json::from_slice(&reply.body).map_err(|e| format!("unreadable store answer: {e}")),
+        Some(status) => {
+            let detail = serde_json::from_slice::<Problem>(&reply.body)
+                .ok()
+                .and_then(|p| p.detail)
+                .unwrap_or_default();
+            Err(format!("the store answered {status} {detail}"))
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "exchange_tests.rs"]
+mod tests;

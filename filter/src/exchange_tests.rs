@@ -1,0 +1,497 @@
+//! Host-side tests of the decision logic through a recording test double.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use idemgate_protocol::{ClaimOutcome, ClaimRequest, CompleteRequest, ReleaseRequest, StoredResponse};
+
+use super::*;
+use crate::config::Config;
+
+/// Everything the logic did to the host, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Effect {
+    Dispatch { path: &'static str, detached: bool, token: u32 },
+    ResumeRequest,
+    ResumeResponse,
+    LocalReply { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    SetResponseHeaders(Vec<(String, String)>),
+}
+
+#[derive(Default)]
+struct FakeHost {
+    request_headers: Vec<(String, String)>,
+    request_body: Vec<u8>,
+    response_headers: RefCell<Vec<(String, String)>>,
+    response_chunk: RefCell<Vec<u8>>,
+    properties: HashMap<Vec<String>, Vec<u8>>,
+    refuse_dispatch: bool,
+    effects: RefCell<Vec<Effect>>,
+    calls: RefCell<Vec<(u32, Vec<u8>)>>,
+    counters: RefCell<HashMap<Metric, i64>>,
+    next_token: RefCell<u32>,
+}
+
+impl FakeHost {
+    fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> Self {
+        let mut all = vec![
+            (":method".to_owned(), method.to_owned()),
+            (":path".to_owned(), path.to_owned()),
+            (":authority".to_owned(), "api".to_owned()),
+        ];
+        all.extend(headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
+        Self { request_headers: all, next_token: RefCell::new(1), ..Self::default() }
+    }
+
+    fn with_body(mut self, body: &[u8]) -> Self {
+        self.request_body = body.to_vec();
+        self
+    }
+
+    fn effects(&self) -> Vec<Effect> {
+        self.effects.borrow().clone()
+    }
+
+    fn count_of(&self, m: Metric) -> i64 {
+        self.counters.borrow().get(&m).copied().unwrap_or(0)
+    }
+
+    fn last_call<T: serde::de::DeserializeOwned>(&self) -> (u32, T) {
+        let calls = self.calls.borrow();
+        let (token, body) = calls.last().expect("a store call");
+        (*token, serde_json::from_slice(body).expect("a store call body"))
+    }
+
+    fn last_reply(&self) -> (u16, Vec<(String, String)>, serde_json::Value) {
+        let effects = self.effects.borrow();
+        let Some(Effect::LocalReply { status, headers, body }) =
+            effects.iter().rev().find(|e| matches!(e, Effect::LocalReply { .. }))
+        else {
+            panic!("no local reply in {effects:?}");
+        };
+        (*status, headers.clone(), serde_json::from_slice(body).unwrap_or(serde_json::Value::Null))
+    }
+}
+
+impl Host for FakeHost {
+    fn request_headers(&self) -> Vec<(String, String)> {
+        self.request_headers.clone()
+    }
+    fn request_body(&self, max_bytes: usize) -> Vec<u8> {
+        self.request_body.iter().take(max_bytes).copied().collect()
+    }
+    fn response_headers(&self) -> Vec<(String, String)> {
+        self.response_headers.borrow().clone()
+    }
+    fn set_response_headers(&self, headers: &[(String, String)]) {
+        *self.response_headers.borrow_mut() = headers.to_vec();
+        self.effects.borrow_mut().push(Effect::SetResponseHeaders(headers.to_vec()));
+    }
+    fn response_body(&self, max_bytes: usize) -> Vec<u8> {
+        self.response_chunk.borrow().iter().take(max_bytes).copied().collect()
+    }
+    fn property(&self, path: &[String]) -> Option<Vec<u8>> {
+        self.properties.get(path).cloned()
+    }
+    fn dispatch(&self, call: StoreCall) -> Result<u32, String> {
+        if self.refuse_dispatch {
+            return Err("BadArgument".into());
+        }
+        let token = *self.next_token.borrow();
+        *self.next_token.borrow_mut() += 1;
+        self.calls.borrow_mut().push((token, call.body));
+        self.effects.borrow_mut().push(Effect::Dispatch { path: call.path, detached: call.detached, token });
+        Ok(token)
+    }
+    fn resume_request(&self) {
+        self.effects.borrow_mut().push(Effect::ResumeRequest);
+    }
+    fn resume_response(&self) {
+        self.effects.borrow_mut().push(Effect::ResumeResponse);
+    }
+    fn local_reply(&self, status: u16, headers: &[(String, String)], body: &[u8]) {
+        self.effects.borrow_mut().push(Effect::LocalReply { status, headers: headers.to_vec(), body: body.to_vec() });
+    }
+    fn count(&self, metric: Metric, delta: i64) {
+        *self.counters.borrow_mut().entry(metric).or_default() += delta;
+    }
+    fn log(&self, _level: Level, _message: &str) {}
+}
+
+const CONFIG: &str = r#"{
+  "store": {"cluster": "idemgate_store"},
+  "defaults": {"scope": {"header": "authorization"}},
+  "routes": [
+    {"name": "payments", "match": {"prefix": "/v1/payments"}, "key": "required",
+     "fingerprint": {"body": "canonical_json", "exclude_json": ["/sent_at"]},
+     "max_request_body_bytes": 64, "max_response_body_bytes": 32},
+    {"name": "orders", "match": {"prefix": "/v1/orders"}, "key": "optional", "failure_mode": "open"},
+    {"name": "jwt", "match": {"prefix": "/v1/jwt"}, "scope": {"property": ["metadata", "sub"]}},
+    {"name": "global", "match": {"prefix": "/v1/global"}, "scope": "global", "store_statuses": ["2xx", "5xx"]}
+  ]
+}"#;
+
+fn exchange() -> Exchange {
+    Exchange::new(Some(Rc::new(Config::from_json(CONFIG.as_bytes()).expect("test config"))))
+}
+
+fn ok(body: &impl serde::Serialize) -> StoreReply {
+    StoreReply { status: Some(200), body: serde_json::to_vec(body).expect("json") }
+}
+
+const AUTH: (&str, &str) = ("authorization", "Bearer tenant-a");
+
+/// Drives a POST with a body up to the claim; returns the claim request.
+fn claim_payment(x: &mut Exchange, host: &FakeHost) -> (u32, ClaimRequest) {
+    assert_eq!(x.on_request_headers(host, false), Flow::Pause, "headers are held");
+    let len = host.request_body.len();
+    assert_eq!(x.on_request_body(host, len, true), Flow::Pause, "held while claiming");
+    host.last_call::<ClaimRequest>()
+}
+
+#[test]
+fn first_request_is_claimed_forwarded_and_completed() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "\"k1\""), ("content-type", "application/json")])
+        .with_body(br#"{"amount": 10}"#);
+    let mut x = exchange();
+    let (token, claim) = claim_payment(&mut x, &host);
+    assert_eq!(claim.record.key, "k1");
+    assert_eq!(claim.route, "payments");
+    assert_eq!(claim.lock_ttl_ms, crate::config::DEFAULT_LOCK_TTL_MS);
+    assert_eq!(claim.record.scope.len(), 64);
+    assert!(!host.effects().contains(&Effect::ResumeRequest), "nothing forwarded before the claim answers");
+
+    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "ft".into() }));
+    assert_eq!(host.effects().last(), Some(&Effect::ResumeRequest));
+    assert_eq!(host.count_of(Metric::Acquired), 1);
+
+    *host.response_headers.borrow_mut() = vec![
+        (":status".into(), "201".into()),
+        ("location".into(), "/v1/payments/1".into()),
+        ("content-length".into(), "20".into()),
+        ("set-cookie".into(), "s=1".into()),
+        ("link".into(), "<a>; rel=x, <b>; rel=y".into()),
+        ("link".into(), "<c>".into()),
+    ];
+    assert_eq!(x.on_response_headers(&host, false), Flow::Continue);
+    *host.response_chunk.borrow_mut() = b"0123456789".to_vec();
+    assert_eq!(x.on_response_body(&host, 10, false), Flow::Continue, "the body streams on");
+    *host.response_chunk.borrow_mut() = b"abcdefghij".to_vec();
+    assert_eq!(x.on_response_body(&host, 10, true), Flow::Pause, "last chunk held until stored");
+    let (token, complete) = host.last_call::<CompleteRequest>();
+    assert!(matches!(host.effects().last(), Some(Effect::Dispatch { path: "/v1/complete", detached: true, .. })));
+    assert_eq!(complete.fencing_token, "ft");
+    assert_eq!(complete.status, 201);
+    assert_eq!(complete.ttl_s, crate::config::DEFAULT_TTL_S);
+    let stored = complete.response.expect("replayable");
+    assert_eq!(stored.body, b"0123456789abcdefghij");
+    assert_eq!(
+        stored.headers,
+        vec![
+            ("location".to_owned(), "/v1/payments/1".to_owned()),
+            ("link".to_owned(), "<a>; rel=x, <b>; rel=y".to_owned()),
+            ("link".to_owned(), "<c>".to_owned()),
+        ],
+        "hop-by-hop, content-length and set-cookie are not stored; repeats and commas are kept"
+    );
+    x.on_store_reply(&host, token, ok(&CompleteOutcome::Completed));
+    assert_eq!(host.effects().last(), Some(&Effect::ResumeResponse));
+    assert_eq!(host.count_of(Metric::Completed), 1);
+}
+
+#[test]
+fn replay_answers_locally_with_exact_headers_and_marker() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")]).with_body(b"{}");
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, &host);
+    let stored = StoredResponse {
+        status: 201,
+        headers: vec![("location".into(), "/v1/payments/1".into()), ("content-type".into(), "application/json".into())],
+        body: b"{\"id\":1}".to_vec(),
+    };
+    x.on_store_reply(&host, token, ok(&ClaimOutcome::Replay { response: stored.clone() }));
+    let (status, headers, _) = host.last_reply();
+    assert_eq!(status, 201);
+    assert_eq!(headers, stored.headers);
+    assert!(!host.effects().contains(&Effect::ResumeRequest), "a replay never reaches the upstream");
+    // Envoy's local reply passes our response callback: the headers become exactly the stored ones.
+    *host.response_headers.borrow_mut() = vec![
+        (":status".into(), "201".into()),
+        ("content-length".into(), "8".into()),
+        ("content-type".into(), "text/plain".into()),
+        ("location".into(), "/v1/payments/1".into()),
+        ("content-type".into(), "application/json".into()),
+    ];
+    assert_eq!(x.on_response_headers(&host, false), Flow::Continue);
+    assert_eq!(
+        *host.response_headers.borrow(),
+        vec![
+            (":status".to_owned(), "201".to_owned()),
+            ("content-length".to_owned(), "8".to_owned()),
+            ("location".to_owned(), "/v1/payments/1".to_owned()),
+            ("content-type".to_owned(), "application/json".to_owned()),
+            ("idempotent-replayed".to_owned(), "true".to_owned()),
+        ]
+    );
+    assert_eq!(host.count_of(Metric::Replayed), 1);
+}
+
+#[test]
+fn in_flight_gets_409_with_retry_after_rounded_up() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")]).with_body(b"{}");
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, &host);
+    x.on_store_reply(&host, token, ok(&ClaimOutcome::InFlight { retry_after_ms: 2_001 }));
+    let (status, headers, body) = host.last_reply();
+    assert_eq!(status, 409);
+    assert!(headers.contains(&("retry-after".to_owned(), "3".to_owned())));
+    assert!(headers.contains(&("content-type".to_owned(), "application/problem+json".to_owned())));
+    assert_eq!(body["type"], "urn:idemgate:problem:in-flight");
+    assert_eq!(body["retry_after_s"], 3);
+    assert_eq!(host.count_of(Metric::InFlightConflicts), 1);
+}
+
+#[test]
+fn mismatch_gets_422_and_not_replayable_gets_409_of_its_own_type() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")]).with_body(b"{}");
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, &host);
+    x.on_store_reply(&host, token, ok(&ClaimOutcome::Mismatch));
+    let (status, _, body) = host.last_reply();
+    assert_eq!((status, body["type"].as_str()), (422, Some("urn:idemgate:problem:key-reused")));
+
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, &host);
+    x.on_store_reply(&host, token, ok(&ClaimOutcome::NotReplayable { status: 200 }));
+    let (status, _, body) = host.last_reply();
+    assert_eq!((status, body["type"].as_str()), (409, Some("urn:idemgate:problem:not-replayable")));
+}
+
+#[test]
+fn key_errors_are_400_and_never_reach_the_store() {
+    let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+        (vec![AUTH], "urn:idemgate:problem:key-missing"),
+        (vec![AUTH, ("idempotency-key", "")], "urn:idemgate:problem:key-malformed"),
+        (vec![AUTH, ("idempotency-key", "\"open")], "urn:idemgate:problem:key-malformed"),
+        (vec![AUTH, ("idempotency-key", "a"), ("idempotency-key", "b")], "urn:idemgate:problem:key-malformed"),
+    ];
+    let long = "x".repeat(256);
+    let mut cases = cases;
+    cases.push((vec![AUTH, ("idempotency-key", long.as_str())], "urn:idemgate:problem:key-malformed"));
+    for (headers, expected) in cases {
+        let host = FakeHost::request("POST", "/v1/payments", &headers);
+        let mut x = exchange();
+        assert_eq!(x.on_request_headers(&host, false), Flow::Pause);
+        let (status, _, body) = host.last_reply();
+        assert_eq!((status, body["type"].as_str()), (400, Some(expected)), "{headers:?}");
+        assert!(host.calls.borrow().is_empty());
+        assert_eq!(x.on_request_body(&host, 3, true), Flow::Pause, "the answered request's body is held");
+    }
+}
+
+#[test]
+fn missing_scope_is_401_never_a_shared_scope() {
+    let host = FakeHost::request("POST", "/v1/payments", &[("idempotency-key", "k")]);
+    let mut x = exchange();
+    x.on_request_headers(&host, true);
+    let (status, _, body) = host.last_reply();
+    assert_eq!((status, body["type"].as_str()), (401, Some("urn:idemgate:problem:scope-missing")));
+
+    let host = FakeHost::request("POST", "/v1/jwt", &[("idempotency-key", "k")]);
+    let mut x = exchange();
+    x.on_request_headers(&host, true);
+    assert_eq!(host.last_reply().0, 401);
+
+    let mut host = FakeHost::request("POST", "/v1/jwt", &[("idempotency-key", "k")]);
+    host.properties.insert(vec!["metadata".into(), "sub".into()], b"user-7".to_vec());
+    let mut x = exchange();
+    assert_eq!(x.on_request_headers(&host, true), Flow::Pause);
+    let (_, claim) = host.last_call::<ClaimRequest>();
+    assert_eq!(claim.record.scope, scope_hash("property:metadata/sub", b"user-7"));
+}
+
+#[test]
+fn scopes_differ_per_tenant_and_global_is_explicit() {
+    let scope_of = |auth: &str| {
+        let host = FakeHost::request("POST", "/v1/payments", &[("authorization", auth), ("idempotency-key", "k")]);
+        let mut x = exchange();
+        x.on_request_headers(&host, true);
+        host.last_call::<ClaimRequest>().1.record.scope
+    };
+    assert_ne!(scope_of("Bearer a"), scope_of("Bearer b"));
+    assert!(!scope_of("Bearer a").contains("Bearer"));
+    let host = FakeHost::request("POST", "/v1/global", &[("idempotency-key", "k")]);
+    let mut x = exchange();
+    x.on_request_headers(&host, true);
+    assert_eq!(host.last_call::<ClaimRequest>().1.record.scope, GLOBAL_SCOPE);
+}
+
+#[test]
+fn unprotected_requests_pass_through_untouched() {
+    for (method, path, headers) in [
+        ("GET", "/v1/payments", vec![AUTH, ("idempotency-key", "k")]),
+        ("HEAD", "/v1/payments", vec![]),
+        ("OPTIONS", "/v1/payments", vec![]),
+        ("POST", "/v1/orders", vec![AUTH]),
+        ("POST", "/elsewhere", vec![("idempotency-key", "\"bad")]),
+    ] {
+        let host = FakeHost::request(method, path, &headers);
+        let mut x = exchange();
+        assert_eq!(x.on_request_headers(&host, false), Flow::Continue, "{method} {path}");
+        assert_eq!(x.on_request_body(&host, 10, true), Flow::Continue);
+        *host.response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
+        assert_eq!(x.on_response_headers(&host, true), Flow::Continue);
+        assert!(host.effects().is_empty(), "{method} {path}: {:?}", host.effects());
+    }
+}
+
+#[test]
+fn canonical_json_fingerprint_ignores_order_and_excluded_fields() {
+    let fp = |body: &[u8]| {
+        let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(body);
+        let mut x = exchange();
+        claim_payment(&mut x, &host).1.fingerprint
+    };
+    let a = fp(br#"{"amount":10,"currency":"eur","sent_at":1}"#);
+    assert_eq!(a, fp(b"{ \"currency\": \"eur\", \"sent_at\": 2, \"amount\": 10 }"));
+    assert_ne!(a, fp(br#"{"amount":11,"currency":"eur"}"#));
+}
+
+#[test]
+fn request_over_the_cap_is_413_before_any_claim() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k"), ("content-length", "65")]);
+    let mut x = exchange();
+    assert_eq!(x.on_request_headers(&host, false), Flow::Pause);
+    let (status, _, body) = host.last_reply();
+    assert_eq!((status, body["type"].as_str()), (413, Some("urn:idemgate:problem:request-too-large")));
+
+    // Chunked: no content-length, the buffered size crosses the cap.
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]);
+    let mut x = exchange();
+    assert_eq!(x.on_request_headers(&host, false), Flow::Pause);
+    assert_eq!(x.on_request_body(&host, 40, false), Flow::Pause);
+    assert_eq!(x.on_request_body(&host, 80, false), Flow::Pause);
+    assert_eq!(host.last_reply().0, 413);
+    assert!(host.calls.borrow().is_empty());
+    assert_eq!(host.count_of(Metric::BodyCapEvents), 1);
+}
+
+#[test]
+fn response_over_the_cap_completes_as_not_replayable() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, &host);
+    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "ft".into() }));
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
+    x.on_response_headers(&host, false);
+    *host.response_chunk.borrow_mut() = vec![b'x'; 20];
+    assert_eq!(x.on_response_body(&host, 20, false), Flow::Continue);
+    assert_eq!(x.on_response_body(&host, 20, true), Flow::Pause);
+    let (_, complete) = host.last_call::<CompleteRequest>();
+    assert_eq!(complete.status, 200);
+    assert!(complete.response.is_none());
+    assert_eq!(host.count_of(Metric::BodyCapEvents), 1);
+}
+
+#[test]
+fn unstored_status_releases_the_key() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, &host);
+    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "ft".into() }));
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "503".into())];
+    assert_eq!(x.on_response_headers(&host, true), Flow::Pause, "no body: finish at headers");
+    let (token, release) = host.last_call::<ReleaseRequest>();
+    assert_eq!(release.fencing_token, "ft");
+    assert_eq!(release.status, Some(503));
+    x.on_store_reply(&host, token, ok(&ReleaseOutcome::Released));
+    assert_eq!(host.effects().last(), Some(&Effect::ResumeResponse));
+    assert_eq!(host.count_of(Metric::Released), 1);
+}
+
+#[test]
+fn lock_lost_on_complete_is_counted_and_the_response_still_flows() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, &host);
+    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "old".into() }));
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
+    x.on_response_headers(&host, true);
+    let (token, _) = host.last_call::<CompleteRequest>();
+    x.on_store_reply(&host, token, ok(&CompleteOutcome::LockLost));
+    assert_eq!(host.count_of(Metric::LockLost), 1);
+    assert_eq!(host.effects().last(), Some(&Effect::ResumeResponse));
+}
+
+#[test]
+fn store_failures_follow_the_failure_mode() {
+    // Closed (payments): a timed-out claim (zero headers) gives 503 with Retry-After.
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, &host);
+    x.on_store_reply(&host, token, StoreReply { status: None, body: vec![] });
+    let (status, headers, body) = host.last_reply();
+    assert_eq!((status, body["type"].as_str()), (503, Some("urn:idemgate:problem:store-unavailable")));
+    assert!(headers.contains(&("retry-after".to_owned(), "1".to_owned())));
+    assert!(!host.effects().contains(&Effect::ResumeRequest));
+
+    // A 503 problem from the server and garbage with 200 are store errors too.
+    for reply in [
+        StoreReply { status: Some(503), body: br#"{"type":"x","title":"t","status":503}"#.to_vec() },
+        StoreReply { status: Some(200), body: b"<html>".to_vec() },
+    ] {
+        let mut x = exchange();
+        let (token, _) = claim_payment(&mut x, &host);
+        x.on_store_reply(&host, token, reply);
+        assert_eq!(host.last_reply().0, 503);
+    }
+    assert_eq!(host.count_of(Metric::StoreErrors), 3);
+
+    // Open (orders): forwarded unprotected and counted.
+    let host = FakeHost::request("POST", "/v1/orders", &[AUTH, ("idempotency-key", "k")]);
+    let mut x = exchange();
+    assert_eq!(x.on_request_headers(&host, true), Flow::Pause);
+    let (token, _) = host.last_call::<ClaimRequest>();
+    x.on_store_reply(&host, token, StoreReply { status: None, body: vec![] });
+    assert_eq!(host.effects().last(), Some(&Effect::ResumeRequest));
+    assert_eq!(host.count_of(Metric::FailOpenPasses), 1);
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
+    assert_eq!(x.on_response_headers(&host, true), Flow::Continue, "no complete after fail-open");
+
+    // A refused dispatch (unknown cluster) fails closed at once.
+    let mut host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]);
+    host.refuse_dispatch = true;
+    let mut x = exchange();
+    assert_eq!(x.on_request_headers(&host, true), Flow::Pause);
+    assert_eq!(host.last_reply().0, 503);
+}
+
+#[test]
+fn stale_or_foreign_tokens_are_ignored() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, &host);
+    x.on_store_reply(&host, token + 100, ok(&ClaimOutcome::Acquired { fencing_token: "x".into() }));
+    assert!(!host.effects().contains(&Effect::ResumeRequest));
+    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "x".into() }));
+    assert_eq!(host.effects().last(), Some(&Effect::ResumeRequest));
+}
+
+#[test]
+fn request_trailers_end_the_body() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let mut x = exchange();
+    assert_eq!(x.on_request_headers(&host, false), Flow::Pause);
+    assert_eq!(x.on_request_body(&host, 2, false), Flow::Pause);
+    assert_eq!(x.on_request_trailers(&host), Flow::Pause);
+    assert_eq!(host.calls.borrow().len(), 1);
+}
+
+#[test]
+fn unconfigured_filter_passes_everything() {
+    let host = FakeHost::request("POST", "/v1/payments", &[("idempotency-key", "k")]);
+    let mut x = Exchange::new(None);
+    assert_eq!(x.on_request_headers(&host, true), Flow::Continue);
+    assert!(host.effects().is_empty());
+}

@@ -1,0 +1,330 @@
+//! The proxy-wasm glue: adapts Envoy's callbacks to [`Exchange`] through [`GlueHost`].
+//!
+//! Hostcalls go through `proxy_wasm::hostcalls::*`, which return `Result`, and maps are
+//! read as bytes (`get_map_bytes`): the SDK's string helpers `unwrap()` and would trap the
+//! VM on a non-UTF-8 header value. A failed hostcall becomes "absent" plus a log line.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+
+use crate::config::Config;
+use crate::exchange::{Exchange, Flow};
+use crate::host::{Host, Level, Metric, StoreCall, StoreReply};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    std::panic::set_hook(Box::new(|info| {
+        let _ = hostcalls::log(LogLevel::Critical, &format!("idemgate filter panicked: {info}"));
+    }));
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(IdemRoot { context_id, config: None, metrics: Rc::new(Metrics::default()) })
+    });
+}}
+
+/// Counter ids returned by `define_metric`, in [`Metric::ALL`] order (0 = undefined).
+#[derive(Default)]
+struct Metrics {
+    ids: [Cell<u32>; Metric::ALL.len()],
+}
+
+impl Metrics {
+    fn define(&self) {
+        for (i, m) in Metric::ALL.iter().enumerate() {
+            if let (Some(cell), Ok(id)) = (self.ids.get(i), hostcalls::define_metric(MetricType::Counter, m.name())) {
+                cell.set(id);
+            }
+        }
+    }
+
+    fn increment(&self, metric: Metric, delta: i64) {
+        let id = Metric::ALL
+            .iter()
+            .position(|m| *m == metric)
+            .and_then(|i| self.ids.get(i))
+            .map_or(0, Cell::get);
+        if id != 0 {
+            let _ = hostcalls::increment_metric(id, delta);
+        }
+    }
+}
+
+struct IdemRoot {
+    context_id: u32,
+    config: Option<Rc<Config>>,
+    metrics: Rc<Metrics>,
+}
+
+impl Context for IdemRoot {}
+
+impl RootContext for IdemRoot {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        log(Level::Info, &format!("idemgate filter {} starting", crate::VERSION));
+        true
+    }
+
+    fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(b)) => b,
+            Ok(None) => Vec::new(),
+            Err(status) => {
+                log(Level::Error, &format!("idemgate: cannot read the plugin configuration: {status:?}"));
+                return false;
+            }
+        };
+        match Config::from_json(&bytes) {
+            Ok(config) => {
+                self.metrics.define();
+                log(Level::Info, &format!(
+                    "idemgate filter {} configured: config hash {}, {} route(s), store cluster {:?}",
+                    crate::VERSION,
+                    config.hash,
+                    config.routes.len(),
+                    config.store.cluster
+                ));
+                self.config = Some(Rc::new(config));
+                true
+            }
+            Err(e) => {
+                log(Level::Error, &e.to_string());
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(IdemHttp {
+            env: HttpEnv {
+                context_id,
+                root_id: self.context_id,
+                config: self.config.clone(),
+                metrics: self.metrics.clone(),
+            },
+            exchange: Exchange::new(self.config.clone()),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct IdemHttp {
+    env: HttpEnv,
+    exchange: Exchange,
+}
+
+/// What a stream's [`GlueHost`] is built from.
+struct HttpEnv {
+    context_id: u32,
+    root_id: u32,
+    config: Option<Rc<Config>>,
+    metrics: Rc<Metrics>,
+}
+
+impl HttpEnv {
+    fn host(&self) -> GlueHost<'_> {
+        GlueHost {
+            context_id: self.context_id,
+            root_id: self.root_id,
+            config: self.config.as_deref(),
+            metrics: &self.metrics,
+        }
+    }
+}
+
+fn action(flow: Flow) -> Action {
+    match flow {
+        Flow::Continue => Action::Continue,
+        Flow::Pause => Action::Pause,
+    }
+}
+
+impl Context for IdemHttp {
+    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        let reply = if num_headers == 0 {
+            StoreReply { status: None, body: Vec::new() }
+        } else {
+            let status = read_map(MapType::HttpCallResponseHeaders)
+                .into_iter()
+                .find(|(n, _)| n == ":status")
+                .and_then(|(_, v)| v.parse::<u16>().ok());
+            let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+                Ok(b) => b.unwrap_or_default(),
+                Err(_) => Vec::new(),
+            };
+            StoreReply { status, body }
+        };
+        let host = self.env.host();
+        self.exchange.on_store_reply(&host, token_id, reply);
+    }
+
+    fn on_done(&mut self) -> bool {
+        if self.exchange.holds_lock() {
+            log(Level::Info, "idemgate: stream ended before the response completed; the key stays locked until its lock TTL so a retry cannot run while the upstream may still execute");
+        }
+        true
+    }
+}
+
+impl HttpContext for IdemHttp {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let host = self.env.host();
+        action(self.exchange.on_request_headers(&host, end_of_stream))
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let host = self.env.host();
+        action(self.exchange.on_request_body(&host, body_size, end_of_stream))
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        let host = self.env.host();
+        action(self.exchange.on_request_trailers(&host))
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let host = self.env.host();
+        action(self.exchange.on_response_headers(&host, end_of_stream))
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        let host = self.env.host();
+        action(self.exchange.on_response_body(&host, body_size, end_of_stream))
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        let host = self.env.host();
+        action(self.exchange.on_response_trailers(&host))
+    }
+}
+
+/// [`Host`] over proxy-wasm hostcalls for one HTTP context.
+struct GlueHost<'a> {
+    context_id: u32,
+    root_id: u32,
+    config: Option<&'a Config>,
+    metrics: &'a Metrics,
+}
+
+fn log(level: Level, message: &str) {
+    let level = match level {
+        Level::Debug => LogLevel::Debug,
+        Level::Info => LogLevel::Info,
+        Level::Warn => LogLevel::Warn,
+        Level::Error => LogLevel::Error,
+    };
+    let _ = hostcalls::log(level, message);
+}
+
+/// A header map as `(name, value)` strings; a non-UTF-8 value is converted lossily
+/// (U+FFFD), a failed read is an empty map.
+fn read_map(map: MapType) -> Vec<(String, String)> {
+    match hostcalls::get_map_bytes(map) {
+        Ok(pairs) => pairs
+            .into_iter()
+            .map(|(n, v)| (n, String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())))
+            .collect(),
+        Err(status) => {
+            log(Level::Warn, &format!("idemgate: cannot read header map {map:?}: {status:?}"));
+            Vec::new()
+        }
+    }
+}
+
+fn read_buffer(buffer: BufferType, max_bytes: usize) -> Vec<u8> {
+    match hostcalls::get_buffer(buffer, 0, max_bytes) {
+        Ok(b) => b.unwrap_or_default(),
+        Err(status) => {
+            log(Level::Warn, &format!("idemgate: cannot read buffer {buffer:?}: {status:?}"));
+            Vec::new()
+        }
+    }
+}
+
+impl Host for GlueHost<'_> {
+    fn request_headers(&self) -> Vec<(String, String)> {
+        read_map(MapType::HttpRequestHeaders)
+    }
+
+    fn request_body(&self, max_bytes: usize) -> Vec<u8> {
+        read_buffer(BufferType::HttpRequestBody, max_bytes)
+    }
+
+    fn response_headers(&self) -> Vec<(String, String)> {
+        read_map(MapType::HttpResponseHeaders)
+    }
+
+    fn set_response_headers(&self, headers: &[(String, String)]) {
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        if let Err(status) = hostcalls::set_map(MapType::HttpResponseHeaders, pairs) {
+            log(Level::Warn, &format!("idemgate: cannot set replay headers: {status:?}"));
+        }
+    }
+
+    fn response_body(&self, max_bytes: usize) -> Vec<u8> {
+        read_buffer(BufferType::HttpResponseBody, max_bytes)
+    }
+
+    fn property(&self, path: &[String]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.iter().map(String::as_str).collect()).ok().flatten()
+    }
+
+    fn dispatch(&self, call: StoreCall) -> Result<u32, String> {
+        let Some(config) = self.config else {
+            return Err("the filter has no configuration".into());
+        };
+        let store = &config.store;
+        let headers = vec![
+            (":method", "POST"),
+            (":path", call.path),
+            (":authority", store.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        // A detached call belongs to the root context, so Envoy does not cancel it when
+        // the client's stream ends; its answer still reaches this stream while it lives.
+        let detached = call.detached && hostcalls::set_effective_context(self.root_id).is_ok();
+        let result = hostcalls::dispatch_http_call(
+            &store.cluster,
+            headers,
+            Some(&call.body),
+            vec![],
+            Duration::from_millis(store.timeout_ms),
+        );
+        if detached {
+            let _ = hostcalls::set_effective_context(self.context_id);
+        }
+        result.map_err(|status| format!("{status:?} (is the Envoy cluster {:?} defined?)", store.cluster))
+    }
+
+    fn resume_request(&self) {
+        if let Err(status) = hostcalls::resume_http_request() {
+            log(Level::Debug, &format!("idemgate: resume request: {status:?}"));
+        }
+    }
+
+    fn resume_response(&self) {
+        if let Err(status) = hostcalls::resume_http_response() {
+            log(Level::Debug, &format!("idemgate: resume response: {status:?}"));
+        }
+    }
+
+    fn local_reply(&self, status: u16, headers: &[(String, String)], body: &[u8]) {
+        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        if let Err(s) = hostcalls::send_http_response(u32::from(status), pairs, Some(body)) {
+            log(Level::Warn, &format!("idemgate: local reply failed: {s:?}"));
+        }
+    }
+
+    fn count(&self, metric: Metric, delta: i64) {
+        self.metrics.increment(metric, delta);
+    }
+
+    fn log(&self, level: Level, message: &str) {
+        log(level, message);
+    }
+}
