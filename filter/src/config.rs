@@ -37,8 +37,10 @@ pub const DEFAULT_TTL_S: u64 = 86_400;
 pub const DEFAULT_LOCK_TTL_MS: u64 = 60_000;
 /// Default store call timeout.
 pub const DEFAULT_STORE_TIMEOUT_MS: u64 = 1_000;
-/// Default request and response body caps: 1 MiB, Envoy's default buffer limit.
-pub const DEFAULT_BODY_CAP_BYTES: u64 = 1 << 20;
+/// Default request and response body caps: 512 KiB, below Envoy's default 1 MiB stream
+/// buffer limit (`per_connection_buffer_limit_bytes`), so the filter, not Envoy, decides
+/// what happens to a large body. Raise both together.
+pub const DEFAULT_BODY_CAP_BYTES: u64 = 512 << 10;
 /// Largest body cap accepted: 64 MiB (the store keeps the response in one Redis hash).
 pub const MAX_BODY_CAP_BYTES: u64 = 64 << 20;
 /// Largest completed TTL accepted: 30 days. Nothing lives forever.
@@ -291,10 +293,10 @@ pub struct Route {
     pub store_statuses: StatusSet,
     /// Behaviour when the store cannot answer. Default closed.
     pub failure_mode: FailureMode,
-    /// Request body cap, bytes: a larger request gets 413. Default 1 MiB.
+    /// Request body cap, bytes: a larger request gets 413. Default 512 KiB.
     pub max_request_body_bytes: u64,
     /// Response body cap, bytes: a larger response is passed on but not stored, and the
-    /// key becomes completed-but-not-replayable. Default 1 MiB.
+    /// key becomes completed-but-not-replayable. Default 512 KiB.
     pub max_response_body_bytes: u64,
     /// How the body enters the fingerprint. Default raw bytes.
     pub body_mode: BodyMode,

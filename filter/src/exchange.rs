@@ -274,8 +274,12 @@ impl Exchange {
             Phase::Forwarded(fwd) => {
                 let all = host.response_headers();
                 let status = header(&all, ":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
+                let declared = header(&all, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
                 let headers = all.into_iter().filter(|(n, _)| fwd.route.stores_header(n)).collect();
-                let capture = Capture { fwd, status, headers, body: Vec::new(), over_cap: false };
+                let mut capture = Capture { fwd, status, headers, body: Vec::new(), over_cap: false };
+                if declared.is_some_and(|len| len > capture.fwd.route.max_response_body_bytes) {
+                    self.mark_over_cap(host, &mut capture);
+                }
                 if end_of_stream {
                     self.finish(host, capture)
                 } else {
@@ -290,32 +294,25 @@ impl Exchange {
         }
     }
 
-    /// `on_http_response_body`. The body streams on to the client chunk by chunk (each
-    /// callback returns `Continue`, so `body_size` is the new chunk); a copy is kept up to
-    /// the cap; the last chunk is held until the store has the response.
+    /// `on_http_response_body`. The response is buffered in Envoy (`Pause`, so
+    /// `body_size` is the whole body so far) until its end or the cap, because a client
+    /// that has every byte may close the connection before the response is stored. Over
+    /// the cap the buffer is released (`Continue`) and the key will not be replayable.
     pub fn on_response_body(&mut self, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Flow {
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Capturing(mut capture) => {
-                if !capture.over_cap && body_size > 0 {
-                    let chunk = host.response_body(body_size);
-                    if (capture.body.len() + chunk.len()) as u64 > capture.fwd.route.max_response_body_bytes {
-                        capture.over_cap = true;
-                        capture.body = Vec::new();
-                        host.count(Metric::BodyCapEvents, 1);
-                        host.log(Level::Info, &format!(
-                            "idemgate: response for key {:?} on route {} exceeds {} bytes; it will not be replayable",
-                            capture.fwd.record.key, capture.fwd.route.name, capture.fwd.route.max_response_body_bytes
-                        ));
-                    } else {
-                        capture.body.extend_from_slice(&chunk);
-                    }
+                if !capture.over_cap && body_size as u64 > capture.fwd.route.max_response_body_bytes {
+                    self.mark_over_cap(host, &mut capture);
                 }
                 if end_of_stream {
-                    self.finish(host, capture)
-                } else {
-                    self.phase = Phase::Capturing(capture);
-                    Flow::Continue
+                    if !capture.over_cap {
+                        capture.body = host.response_body(body_size);
+                    }
+                    return self.finish(host, capture);
                 }
+                let flow = if capture.over_cap { Flow::Continue } else { Flow::Pause };
+                self.phase = Phase::Capturing(capture);
+                flow
             }
             other => {
                 let hold = matches!(other, Phase::Finishing { .. });
@@ -323,6 +320,15 @@ impl Exchange {
                 if hold { Flow::Pause } else { Flow::Continue }
             }
         }
+    }
+
+    fn mark_over_cap(&self, host: &dyn Host, capture: &mut Capture) {
+        capture.over_cap = true;
+        host.count(Metric::BodyCapEvents, 1);
+        host.log(Level::Info, &format!(
+            "idemgate: response for key {:?} on route {} exceeds {} bytes; it is passed on but will not be replayable",
+            capture.fwd.record.key, capture.fwd.route.name, capture.fwd.route.max_response_body_bytes
+        ));
     }
 
     /// `on_http_response_trailers`: the response ends here.

@@ -176,9 +176,9 @@ fn first_request_is_claimed_forwarded_and_completed() {
     ];
     assert_eq!(x.on_response_headers(&host, false), Flow::Continue);
     *host.response_chunk.borrow_mut() = b"0123456789".to_vec();
-    assert_eq!(x.on_response_body(&host, 10, false), Flow::Continue, "the body streams on");
-    *host.response_chunk.borrow_mut() = b"abcdefghij".to_vec();
-    assert_eq!(x.on_response_body(&host, 10, true), Flow::Pause, "last chunk held until stored");
+    assert_eq!(x.on_response_body(&host, 10, false), Flow::Pause, "buffered until the end");
+    *host.response_chunk.borrow_mut() = b"0123456789abcdefghij".to_vec();
+    assert_eq!(x.on_response_body(&host, 20, true), Flow::Pause, "held until stored");
     let (token, complete) = host.last_call::<CompleteRequest>();
     assert!(matches!(host.effects().last(), Some(Effect::Dispatch { path: "/v1/complete", detached: true, .. })));
     assert_eq!(complete.fencing_token, "ft");
@@ -386,12 +386,22 @@ fn response_over_the_cap_completes_as_not_replayable() {
     *host.response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
     x.on_response_headers(&host, false);
     *host.response_chunk.borrow_mut() = vec![b'x'; 20];
-    assert_eq!(x.on_response_body(&host, 20, false), Flow::Continue);
-    assert_eq!(x.on_response_body(&host, 20, true), Flow::Pause);
+    assert_eq!(x.on_response_body(&host, 20, false), Flow::Pause, "under the cap: buffered");
+    assert_eq!(x.on_response_body(&host, 40, false), Flow::Continue, "over the cap: released to the client");
+    assert_eq!(x.on_response_body(&host, 10, false), Flow::Continue);
+    assert_eq!(x.on_response_body(&host, 0, true), Flow::Pause);
     let (_, complete) = host.last_call::<CompleteRequest>();
     assert_eq!(complete.status, 200);
     assert!(complete.response.is_none());
     assert_eq!(host.count_of(Metric::BodyCapEvents), 1);
+
+    // A declared content-length over the cap is known at the headers.
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, &host);
+    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "ft".into() }));
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "200".into()), ("content-length".into(), "33".into())];
+    x.on_response_headers(&host, false);
+    assert_eq!(x.on_response_body(&host, 5, false), Flow::Continue);
 }
 
 #[test]

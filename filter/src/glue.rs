@@ -146,6 +146,7 @@ fn action(flow: Flow) -> Action {
 
 impl Context for IdemHttp {
     fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+        log(Level::Debug, &format!("idemgate: store call {token_id} answered: {num_headers} header(s), {body_size} body bytes"));
         let reply = if num_headers == 0 {
             StoreReply { status: None, body: Vec::new() }
         } else {
@@ -164,6 +165,7 @@ impl Context for IdemHttp {
     }
 
     fn on_done(&mut self) -> bool {
+        log(Level::Debug, &format!("idemgate: stream {} done", self.env.context_id));
         if self.exchange.holds_lock() {
             log(Level::Info, "idemgate: stream ended before the response completed; the key stays locked until its lock TTL so a retry cannot run while the upstream may still execute");
         }
@@ -194,7 +196,9 @@ impl HttpContext for IdemHttp {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let host = self.env.host();
-        action(self.exchange.on_response_body(&host, body_size, end_of_stream))
+        let flow = self.exchange.on_response_body(&host, body_size, end_of_stream);
+        log(Level::Debug, &format!("idemgate: response body {body_size} bytes, end {end_of_stream}: {flow:?}"));
+        action(flow)
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
