@@ -19,6 +19,20 @@ pub struct Cli {
 pub enum Command {
     /// Run the store API and the admin listener until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Work with the filter's JSON configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `idemgate-server config ...`
+#[derive(Debug, Clone, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a filter configuration file exactly as the filter does when Envoy loads it;
+    /// prints the resolved routes, or the field and reason of the first error (exit 1).
+    Check {
+        /// Path of the JSON file (the plugin's `configuration` value).
+        file: std::path::PathBuf,
+    },
 }
 
 /// Flags of `serve`; each also reads an environment variable.
@@ -214,4 +228,40 @@ mod tests {
         );
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
     }
+}
+
+/// `idemgate-server config check FILE`: the filter's own validation
+/// ([`idemgate_filter::config::Config::from_json`]) run before deployment.
+///
+/// Returns the report to print on success.
+///
+/// # Errors
+/// The file cannot be read, or the configuration is invalid (the message names the
+/// field and the reason, the same line Envoy would log when the plugin fails to load).
+pub fn check_filter_config(file: &std::path::Path) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let config = idemgate_filter::config::Config::from_json(&bytes).map_err(|e| e.to_string())?;
+    let mut out = format!(
+        "ok: {} is a valid idemgate filter configuration (hash {}, store cluster {:?}, timeout {} ms)\n",
+        file.display(),
+        config.hash,
+        config.store.cluster,
+        config.store.timeout_ms
+    );
+    for r in &config.routes {
+        let _ = writeln!(
+            out,
+            "  route {:<16} {:<28} methods {:<12} key {:<8} ttl_s {:<6} lock_ttl_ms {:<6} failure {:?}, scope {}",
+            r.name,
+            format!("{:?}", r.matcher),
+            r.methods.join(","),
+            format!("{:?}", r.key).to_lowercase(),
+            r.ttl_s,
+            r.lock_ttl_ms,
+            r.failure_mode,
+            r.scope.label()
+        );
+    }
+    Ok(out)
 }

@@ -4,6 +4,7 @@ use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Parser;
+use idemgate_server::config::{check_filter_config, ConfigCommand};
 use idemgate_server::{serve, shutdown_signal, Cli, Command};
 use tracing_subscriber::EnvFilter;
 
@@ -18,6 +19,16 @@ async fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Config(ConfigCommand::Check { file }) => match check_filter_config(&file) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("idemgate-server: {err}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve(args) => {
             let config = match args.validate() {
                 Ok(config) => config,
