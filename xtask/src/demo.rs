@@ -3,9 +3,10 @@
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
-use idemgate_e2e::{FixedPorts, Stack, StackOptions};
+use idemgate_e2e::{Component, FixedPorts, Stack, StackOptions};
 
 /// Start Redis, idemgate-server, the demo upstream and Envoy with envoy/demo-filter.json.
 #[derive(Debug, clap::Args)]
@@ -55,16 +56,30 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         cancel: Some(Arc::clone(&cancel)),
         ..StackOptions::demo()
     };
-    let stack = Stack::start(opts).context("starting the demo stack (logs in target/demo/)")?;
+    let mut stack = Stack::start(opts).context("starting the demo stack (logs in target/demo/)")?;
     print_banner(&stack);
-    // Wait for Ctrl-C / SIGTERM; a component dying early is reported but the rest keep running.
-    let _ = rx.recv();
+    // Wait for Ctrl-C / SIGTERM. If a component dies meanwhile, say which, show its log
+    // and stop the rest: a half-running demo only confuses.
+    let code = loop {
+        match rx.recv_timeout(Duration::from_millis(500)) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => break ExitCode::SUCCESS,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+        }
+        if let Some(dead) = Component::ALL.into_iter().find(|c| !stack.is_running(*c)) {
+            eprintln!(
+                "xtask demo: {dead} stopped unexpectedly; last lines of {}:\n{}",
+                stack.log_path(dead).display(),
+                stack.log_tail(dead, 40)
+            );
+            break ExitCode::FAILURE;
+        }
+    };
     eprintln!(
         "\nxtask demo: stopping (logs kept in {})",
         stack.log_dir().display()
     );
     drop(stack);
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 fn print_banner(stack: &Stack) {

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: unit tests plus the end-to-end tests on real Envoy, Redis and server.
 
+use std::path::Path;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result};
 use idemgate_e2e::bins::{
@@ -37,12 +38,10 @@ fn run_inner(args: &Args) -> Result<ExitCode> {
     crate::setup::run_setup()?;
     crate::build::run_build()?;
     let root = root();
-    // Each stack keeps its logs in target/e2e/<test>-...; start each run with a clean slate.
+    // Each stack keeps its logs in target/e2e/<test>-...; prune old runs, but leave recent
+    // ones alone: another `cargo test` may be using the same target directory right now.
     let e2e = root.join("target/e2e");
-    if e2e.exists() {
-        std::fs::remove_dir_all(&e2e)
-            .with_context(|| format!("removing old logs in {}", e2e.display()))?;
-    }
+    prune_older_than(&e2e, Duration::from_secs(3600));
     let envoy =
         venv_envoy(&root).context("envoy is missing after setup; run `cargo xtask setup`")?;
     let redis = idemgate_e2e::bins::find_on_path("redis-server")
@@ -78,4 +77,28 @@ fn run_inner(args: &Args) -> Result<ExitCode> {
         .code()
         .and_then(|c| u8::try_from(c).ok())
         .map_or(ExitCode::FAILURE, ExitCode::from))
+}
+
+/// Removes the entries of `dir` last modified more than `age` ago (best effort).
+fn prune_older_than(dir: &Path, age: Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let now = SystemTime::now();
+    for entry in entries.flatten() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| now.duration_since(t).ok())
+            .is_some_and(|d| d > age);
+        if old {
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+        }
+    }
 }
