@@ -20,6 +20,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod admin;
 pub mod fingerprint;
 pub mod problem;
 
