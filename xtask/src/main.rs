@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 
 /// idemgate developer tasks.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", about, long_about = None)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     task: Task,
