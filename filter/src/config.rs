@@ -103,6 +103,7 @@ struct StoreFile {
     cluster: String,
     timeout_ms: Option<u64>,
     authority: Option<String>,
+    report_events: Option<bool>,
 }
 
 /// Policy fields shared by `defaults` and each route; `name` and `match` only in routes.
@@ -272,6 +273,10 @@ pub struct StoreConfig {
     pub authority: String,
     /// Timeout of one store call, milliseconds.
     pub timeout_ms: u64,
+    /// Whether the filter reports decisions the store does not see (rejections, body cap
+    /// events, store errors, fail-open passes) with a fire-and-forget `POST /v1/report`,
+    /// so the server's events and stats include them. Default true.
+    pub report_events: bool,
 }
 
 /// A validated route: every field resolved against `defaults`.
@@ -306,6 +311,8 @@ pub struct Route {
     pub scope: ScopeSource,
     /// Response headers not stored. Default [`DEFAULT_DENY_RESPONSE_HEADERS`].
     pub deny_response_headers: Vec<HeaderPattern>,
+    /// Copied from [`StoreConfig::report_events`].
+    pub report_events: bool,
 }
 
 impl Route {
@@ -372,7 +379,8 @@ impl Config {
         let mut names = HashSet::new();
         let mut routes = Vec::with_capacity(file.routes.len());
         for (i, r) in file.routes.iter().enumerate() {
-            let route = resolve_route(&format!("routes[{i}]"), r, &file.defaults)?;
+            let mut route = resolve_route(&format!("routes[{i}]"), r, &file.defaults)?;
+            route.report_events = store.report_events;
             if !names.insert(route.name.clone()) {
                 return err(format!("routes[{i}].name"), format!("duplicate route name {:?}", route.name));
             }
@@ -406,6 +414,7 @@ fn validate_store(s: StoreFile) -> Result<StoreConfig, ConfigError> {
         cluster: s.cluster,
         authority,
         timeout_ms,
+        report_events: s.report_events.unwrap_or(true),
     })
 }
 
@@ -530,6 +539,7 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         fingerprint_headers,
         scope,
         deny_response_headers: deny.into_iter().map(HeaderPattern).collect(),
+        report_events: true,
     })
 }
 

@@ -16,6 +16,7 @@
 
 use std::rc::Rc;
 
+use idemgate_protocol::admin::{FilterReport, ReportKind, REPORT_PATH};
 use idemgate_protocol::fingerprint::Fingerprint;
 use idemgate_protocol::problem::PROBLEM_JSON;
 use idemgate_protocol::{
@@ -124,24 +125,16 @@ impl Exchange {
                 return Flow::Continue;
             }
             ([], KeyRequirement::Required) => {
-                host.count(Metric::RejectedKeys, 1);
-                return self.reject(host, ProblemType::KeyMissing, format!("{} {path} requires an Idempotency-Key header", method), None);
+                let detail = format!("{method} {path} requires an Idempotency-Key header");
+                return self.reject_request(host, &route, ProblemType::KeyMissing, detail, None);
             }
             ([one], _) => match parse_key(one) {
                 Ok(k) => k,
-                Err(detail) => {
-                    host.count(Metric::RejectedKeys, 1);
-                    return self.reject(host, ProblemType::KeyMalformed, detail, None);
-                }
+                Err(detail) => return self.reject_request(host, &route, ProblemType::KeyMalformed, detail, None),
             },
             (many, _) => {
-                host.count(Metric::RejectedKeys, 1);
-                return self.reject(
-                    host,
-                    ProblemType::KeyMalformed,
-                    format!("the request has {} Idempotency-Key fields; send exactly one", many.len()),
-                    None,
-                );
+                let detail = format!("the request has {} Idempotency-Key fields; send exactly one", many.len());
+                return self.reject_request(host, &route, ProblemType::KeyMalformed, detail, None);
             }
         };
 
@@ -151,23 +144,23 @@ impl Exchange {
                 // Repeated fields are joined in order, so no part of the credential is ignored.
                 let vals: Vec<&str> = values(&headers, name).collect();
                 if vals.is_empty() {
-                    host.count(Metric::RejectedKeys, 1);
-                    return self.reject(host, ProblemType::ScopeMissing, format!("route {} scopes idempotency keys by the {name} header, which the request lacks", route.name), None);
+                    let detail = format!("route {} scopes idempotency keys by the {name} header, which the request lacks", route.name);
+                    return self.reject_request(host, &route, ProblemType::ScopeMissing, detail, Some(&key));
                 }
                 scope_hash(&route.scope.label(), vals.join("\n").as_bytes())
             }
             ScopeSource::Property(path) => match host.property(path) {
                 Some(v) if !v.is_empty() => scope_hash(&route.scope.label(), &v),
                 _ => {
-                    host.count(Metric::RejectedKeys, 1);
-                    return self.reject(host, ProblemType::ScopeMissing, format!("route {} scopes idempotency keys by the attribute {}, which the request lacks", route.name, path.join(".")), None);
+                    let detail = format!("route {} scopes idempotency keys by the attribute {}, which the request lacks", route.name, path.join("."));
+                    return self.reject_request(host, &route, ProblemType::ScopeMissing, detail, Some(&key));
                 }
             },
         };
 
         if let Some(len) = header(&headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
             if len > route.max_request_body_bytes {
-                return self.too_large(host, &route, len);
+                return self.too_large(host, &route, Some(&RecordId { scope, key }), len);
             }
         }
 
@@ -203,7 +196,7 @@ impl Exchange {
             Phase::Buffering(pending) => {
                 if body_size as u64 > pending.route.max_request_body_bytes {
                     let route = pending.route.clone();
-                    return self.too_large(host, &route, body_size as u64);
+                    return self.too_large(host, &route, Some(&pending.record), body_size as u64);
                 }
                 if !end_of_stream {
                     self.phase = Phase::Buffering(pending);
@@ -228,7 +221,7 @@ impl Exchange {
                 let body = host.request_body(usize::try_from(cap).unwrap_or(usize::MAX).saturating_add(1));
                 if body.len() as u64 > cap {
                     let route = pending.route.clone();
-                    return self.too_large(host, &route, body.len() as u64);
+                    return self.too_large(host, &route, Some(&pending.record), body.len() as u64);
                 }
                 self.claim(host, pending, &body)
             }
@@ -325,10 +318,12 @@ impl Exchange {
     fn mark_over_cap(&self, host: &dyn Host, capture: &mut Capture) {
         capture.over_cap = true;
         host.count(Metric::BodyCapEvents, 1);
-        host.log(Level::Info, &format!(
-            "idemgate: response for key {:?} on route {} exceeds {} bytes; it is passed on but will not be replayable",
-            capture.fwd.record.key, capture.fwd.route.name, capture.fwd.route.max_response_body_bytes
-        ));
+        let detail = format!(
+            "the response exceeds {} bytes; it is passed on but will not be replayable",
+            capture.fwd.route.max_response_body_bytes
+        );
+        host.log(Level::Info, &format!("idemgate: route {} key {:?}: {detail}", capture.fwd.route.name, capture.fwd.record.key));
+        report(host, &capture.fwd.route, ReportKind::BodyCap, Some(&capture.fwd.record), detail);
     }
 
     /// `on_http_response_trailers`: the response ends here.
@@ -366,7 +361,7 @@ impl Exchange {
                 self.phase = Phase::Claiming { pending, token };
                 Flow::Pause
             }
-            Err(reason) => self.store_failed(host, &route, &format!("claim could not be dispatched: {reason}")),
+            Err(reason) => self.store_failed(host, &route, &pending.record, &format!("claim could not be dispatched: {reason}")),
         }
     }
 
@@ -375,7 +370,7 @@ impl Exchange {
         let outcome = match decode::<ClaimOutcome>(&reply) {
             Ok(o) => o,
             Err(reason) => {
-                if self.store_failed(host, &route, &format!("claim failed: {reason}")) == Flow::Continue {
+                if self.store_failed(host, &route, &pending.record, &format!("claim failed: {reason}")) == Flow::Continue {
                     host.resume_request();
                 }
                 return;
@@ -410,30 +405,37 @@ impl Exchange {
     }
 
     /// The store could not answer: the route's failure mode decides.
-    fn store_failed(&mut self, host: &dyn Host, route: &Route, reason: &str) -> Flow {
+    fn store_failed(&mut self, host: &dyn Host, route: &Route, record: &RecordId, reason: &str) -> Flow {
         host.count(Metric::StoreErrors, 1);
         match route.failure_mode {
             FailureMode::Closed => {
                 host.log(Level::Warn, &format!("idemgate: route {}: {reason}; failing closed (503)", route.name));
+                report(host, route, ReportKind::StoreError, Some(record), format!("{reason}; failed closed (503)"));
                 self.reject(host, ProblemType::StoreUnavailable, "the idempotency store did not answer; retry later".to_owned(), Some(STORE_UNAVAILABLE_RETRY_AFTER_S))
             }
             FailureMode::Open => {
                 host.log(Level::Warn, &format!("idemgate: route {}: {reason}; failing open (forwarding unprotected)", route.name));
                 host.count(Metric::FailOpenPasses, 1);
+                report(host, route, ReportKind::FailOpen, Some(record), format!("{reason}; forwarded unprotected"));
                 self.phase = Phase::PassThrough;
                 Flow::Continue
             }
         }
     }
 
-    fn too_large(&mut self, host: &dyn Host, route: &Route, size: u64) -> Flow {
+    fn too_large(&mut self, host: &dyn Host, route: &Route, record: Option<&RecordId>, size: u64) -> Flow {
         host.count(Metric::BodyCapEvents, 1);
-        self.reject(
-            host,
-            ProblemType::RequestTooLarge,
-            format!("the request body has at least {size} bytes; route {} fingerprints at most {} bytes", route.name, route.max_request_body_bytes),
-            None,
-        )
+        let detail = format!("the request body has at least {size} bytes; route {} fingerprints at most {} bytes", route.name, route.max_request_body_bytes);
+        report(host, route, ReportKind::BodyCap, record, detail.clone());
+        self.reject(host, ProblemType::RequestTooLarge, detail, None)
+    }
+
+    /// A 400/401 for the request itself (key or scope), counted and reported.
+    fn reject_request(&mut self, host: &dyn Host, route: &Route, kind: ProblemType, detail: String, key: Option<&str>) -> Flow {
+        host.count(Metric::RejectedKeys, 1);
+        let record = key.map(|k| RecordId { scope: String::new(), key: k.to_owned() });
+        report(host, route, ReportKind::Rejected, record.as_ref(), detail.clone());
+        self.reject(host, kind, detail, None)
     }
 
     fn reject(&mut self, host: &dyn Host, kind: ProblemType, detail: String, retry_after_s: Option<u64>) -> Flow {
@@ -476,10 +478,9 @@ impl Exchange {
             }
             Err(reason) => {
                 host.count(Metric::StoreErrors, 1);
-                host.log(Level::Warn, &format!(
-                    "idemgate: route {}: {kind:?} for key {:?} could not be dispatched ({reason}); the lock expires after {} ms",
-                    route.name, fwd.record.key, route.lock_ttl_ms
-                ));
+                let detail = format!("{kind:?} could not be dispatched ({reason}); the lock expires after {} ms", route.lock_ttl_ms);
+                host.log(Level::Warn, &format!("idemgate: route {} key {:?}: {detail}", route.name, fwd.record.key));
+                report(host, &route, ReportKind::StoreError, Some(&fwd.record), detail);
                 self.phase = Phase::Done;
                 Flow::Continue
             }
@@ -509,6 +510,25 @@ impl Exchange {
             }
         }
         self.phase = Phase::Done;
+    }
+}
+
+/// Tells the server about a decision it did not see (fire-and-forget, detached so it
+/// outlives the stream; the answer is ignored). Off when `store.report_events` is false.
+fn report(host: &dyn Host, route: &Route, kind: ReportKind, record: Option<&RecordId>, detail: String) {
+    if !route.report_events {
+        return;
+    }
+    let report = FilterReport {
+        kind,
+        route: route.name.clone(),
+        scope: record.map(|r| r.scope.clone()).filter(|s| !s.is_empty()),
+        key: record.map(|r| r.key.clone()),
+        detail,
+    };
+    let call = StoreCall { path: REPORT_PATH, body: to_json(&report), detached: true };
+    if let Err(reason) = host.dispatch(call) {
+        host.log(Level::Debug, &format!("idemgate: report not sent: {reason}"));
     }
 }
 

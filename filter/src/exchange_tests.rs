@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use idemgate_protocol::admin::{FilterReport, ReportKind, REPORT_PATH};
 use idemgate_protocol::{ClaimOutcome, ClaimRequest, CompleteRequest, ReleaseRequest, StoredResponse};
 
 use super::*;
@@ -28,7 +29,7 @@ struct FakeHost {
     properties: HashMap<Vec<String>, Vec<u8>>,
     refuse_dispatch: bool,
     effects: RefCell<Vec<Effect>>,
-    calls: RefCell<Vec<(u32, Vec<u8>)>>,
+    calls: RefCell<Vec<(u32, &'static str, Vec<u8>)>>,
     counters: RefCell<HashMap<Metric, i64>>,
     next_token: RefCell<u32>,
 }
@@ -57,10 +58,26 @@ impl FakeHost {
         self.counters.borrow().get(&m).copied().unwrap_or(0)
     }
 
+    /// The last store call other than a report.
     fn last_call<T: serde::de::DeserializeOwned>(&self) -> (u32, T) {
         let calls = self.calls.borrow();
-        let (token, body) = calls.last().expect("a store call");
+        let (token, _, body) = calls.iter().rev().find(|(_, path, _)| *path != REPORT_PATH).expect("a store call");
         (*token, serde_json::from_slice(body).expect("a store call body"))
+    }
+
+    /// Store calls other than reports.
+    fn store_calls(&self) -> usize {
+        self.calls.borrow().iter().filter(|(_, path, _)| *path != REPORT_PATH).count()
+    }
+
+    /// The reports sent, in order.
+    fn reports(&self) -> Vec<FilterReport> {
+        self.calls
+            .borrow()
+            .iter()
+            .filter(|(_, path, _)| *path == REPORT_PATH)
+            .map(|(_, _, body)| serde_json::from_slice(body).expect("a report"))
+            .collect()
     }
 
     fn last_reply(&self) -> (u16, Vec<(String, String)>, serde_json::Value) {
@@ -100,7 +117,7 @@ impl Host for FakeHost {
         }
         let token = *self.next_token.borrow();
         *self.next_token.borrow_mut() += 1;
-        self.calls.borrow_mut().push((token, call.body));
+        self.calls.borrow_mut().push((token, call.path, call.body));
         self.effects.borrow_mut().push(Effect::Dispatch { path: call.path, detached: call.detached, token });
         Ok(token)
     }
@@ -285,7 +302,10 @@ fn key_errors_are_400_and_never_reach_the_store() {
         assert_eq!(x.on_request_headers(&host, false), Flow::Pause);
         let (status, _, body) = host.last_reply();
         assert_eq!((status, body["type"].as_str()), (400, Some(expected)), "{headers:?}");
-        assert!(host.calls.borrow().is_empty());
+        assert_eq!(host.store_calls(), 0);
+        let reports = host.reports();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert_eq!((reports[0].kind, reports[0].route.as_str(), reports[0].key.as_deref()), (ReportKind::Rejected, "payments", None));
         assert_eq!(x.on_request_body(&host, 3, true), Flow::Pause, "the answered request's body is held");
     }
 }
@@ -373,8 +393,10 @@ fn request_over_the_cap_is_413_before_any_claim() {
     assert_eq!(x.on_request_body(&host, 40, false), Flow::Pause);
     assert_eq!(x.on_request_body(&host, 80, false), Flow::Pause);
     assert_eq!(host.last_reply().0, 413);
-    assert!(host.calls.borrow().is_empty());
+    assert_eq!(host.store_calls(), 0);
     assert_eq!(host.count_of(Metric::BodyCapEvents), 1);
+    assert_eq!(host.reports()[0].kind, ReportKind::BodyCap);
+    assert_eq!(host.reports()[0].key.as_deref(), Some("k"));
 }
 
 #[test]
@@ -457,6 +479,7 @@ fn store_failures_follow_the_failure_mode() {
         assert_eq!(host.last_reply().0, 503);
     }
     assert_eq!(host.count_of(Metric::StoreErrors), 3);
+    assert_eq!(host.reports().iter().filter(|r| r.kind == ReportKind::StoreError).count(), 3);
 
     // Open (orders): forwarded unprotected and counted.
     let host = FakeHost::request("POST", "/v1/orders", &[AUTH, ("idempotency-key", "k")]);
@@ -466,6 +489,7 @@ fn store_failures_follow_the_failure_mode() {
     x.on_store_reply(&host, token, StoreReply { status: None, body: vec![] });
     assert_eq!(host.effects().last(), Some(&Effect::ResumeRequest));
     assert_eq!(host.count_of(Metric::FailOpenPasses), 1);
+    assert_eq!(host.reports().last().map(|r| r.kind), Some(ReportKind::FailOpen));
     *host.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
     assert_eq!(x.on_response_headers(&host, true), Flow::Continue, "no complete after fail-open");
 
@@ -495,7 +519,7 @@ fn request_trailers_end_the_body() {
     assert_eq!(x.on_request_headers(&host, false), Flow::Pause);
     assert_eq!(x.on_request_body(&host, 2, false), Flow::Pause);
     assert_eq!(x.on_request_trailers(&host), Flow::Pause);
-    assert_eq!(host.calls.borrow().len(), 1);
+    assert_eq!(host.store_calls(), 1);
 }
 
 #[test]
@@ -504,4 +528,14 @@ fn unconfigured_filter_passes_everything() {
     let mut x = Exchange::new(None);
     assert_eq!(x.on_request_headers(&host, true), Flow::Continue);
     assert!(host.effects().is_empty());
+}
+
+#[test]
+fn reports_can_be_turned_off() {
+    let config = CONFIG.replace(r#""store": {"cluster": "idemgate_store"}"#, r#""store": {"cluster": "idemgate_store", "report_events": false}"#);
+    let mut x = Exchange::new(Some(Rc::new(Config::from_json(config.as_bytes()).expect("config"))));
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH]);
+    x.on_request_headers(&host, true);
+    assert_eq!(host.last_reply().0, 400);
+    assert!(host.calls.borrow().is_empty());
 }

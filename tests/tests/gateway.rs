@@ -1,3 +1,4 @@
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 //! End to end on real Envoy + the wasm filter, the real idemgate server and real Redis:
 //! a retried POST executes once, duplicates are refused, misuse is rejected, and the
 //! upstream never sees a request the filter answered itself.
