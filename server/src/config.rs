@@ -214,7 +214,9 @@ mod tests {
             "250",
         ])
         .unwrap();
-        let Command::Serve(s) = cli.command;
+        let Command::Serve(s) = cli.command else {
+            panic!("expected the serve command");
+        };
         assert_eq!(s.redis_url, "redis://10.0.0.1:7000");
         assert_eq!(s.store_listen.port(), 9000);
         assert_eq!(s.redis_timeout_ms, 250);
