@@ -74,7 +74,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid idemgate filter configuration: field `{}`: {}", self.field, self.reason)
+        write!(
+            f,
+            "invalid idemgate filter configuration: field `{}`: {}",
+            self.field, self.reason
+        )
     }
 }
 
@@ -371,7 +375,10 @@ impl Config {
             return err("defaults.name", "a route name is not allowed in defaults");
         }
         if file.defaults.matcher.is_some() {
-            return err("defaults.match", "a path matcher is not allowed in defaults");
+            return err(
+                "defaults.match",
+                "a path matcher is not allowed in defaults",
+            );
         }
         if file.routes.is_empty() {
             return err("routes", "at least one route is required");
@@ -382,11 +389,18 @@ impl Config {
             let mut route = resolve_route(&format!("routes[{i}]"), r, &file.defaults)?;
             route.report_events = store.report_events;
             if !names.insert(route.name.clone()) {
-                return err(format!("routes[{i}].name"), format!("duplicate route name {:?}", route.name));
+                return err(
+                    format!("routes[{i}].name"),
+                    format!("duplicate route name {:?}", route.name),
+                );
             }
             routes.push(Rc::new(route));
         }
-        Ok(Self { store, routes, hash })
+        Ok(Self {
+            store,
+            routes,
+            hash,
+        })
     }
 
     /// The first route that protects `method` on `path` (query ignored), if any.
@@ -400,11 +414,17 @@ impl Config {
 
 fn validate_store(s: StoreFile) -> Result<StoreConfig, ConfigError> {
     if s.cluster.trim().is_empty() {
-        return err("store.cluster", "must name the Envoy cluster of the idemgate store");
+        return err(
+            "store.cluster",
+            "must name the Envoy cluster of the idemgate store",
+        );
     }
     let timeout_ms = s.timeout_ms.unwrap_or(DEFAULT_STORE_TIMEOUT_MS);
     if !(1..=60_000).contains(&timeout_ms) {
-        return err("store.timeout_ms", "must be between 1 and 60000 milliseconds");
+        return err(
+            "store.timeout_ms",
+            "must be between 1 and 60000 milliseconds",
+        );
     }
     let authority = s.authority.unwrap_or_else(|| "idemgate-store".into());
     if authority.is_empty() {
@@ -418,7 +438,9 @@ fn validate_store(s: StoreFile) -> Result<StoreConfig, ConfigError> {
     })
 }
 
-const KNOWN_METHODS: [&str; 8] = ["POST", "PATCH", "PUT", "DELETE", "GET", "HEAD", "OPTIONS", "QUERY"];
+const KNOWN_METHODS: [&str; 8] = [
+    "POST", "PATCH", "PUT", "DELETE", "GET", "HEAD", "OPTIONS", "QUERY",
+];
 
 fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, ConfigError> {
     let name = match &r.name {
@@ -428,7 +450,12 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
     };
     let matcher = match &r.matcher {
         Some(m) => m.clone(),
-        None => return err(format!("{at}.match"), "is required: {\"prefix\": \"/...\"} or {\"path\": \"/...\"}"),
+        None => {
+            return err(
+                format!("{at}.match"),
+                "is required: {\"prefix\": \"/...\"} or {\"path\": \"/...\"}",
+            )
+        }
     };
     let (PathMatch::Prefix(p) | PathMatch::Path(p)) = &matcher;
     if !p.starts_with('/') {
@@ -440,58 +467,126 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         .clone()
         .or_else(|| d.methods.clone())
         .unwrap_or_else(|| vec!["POST".into(), "PATCH".into()]);
-    let methods_at = if r.methods.is_some() { format!("{at}.methods") } else { "defaults.methods".into() };
+    let methods_at = if r.methods.is_some() {
+        format!("{at}.methods")
+    } else {
+        "defaults.methods".into()
+    };
     if methods.is_empty() {
         return err(methods_at, "must list at least one method");
     }
     for m in &methods {
         if !KNOWN_METHODS.contains(&m.as_str()) {
-            return err(methods_at, format!("unknown or lowercase method {m:?}; use one of {KNOWN_METHODS:?}"));
+            return err(
+                methods_at,
+                format!("unknown or lowercase method {m:?}; use one of {KNOWN_METHODS:?}"),
+            );
         }
     }
 
     let ttl_s = pick(at, "ttl_s", r.ttl_s, d.ttl_s, DEFAULT_TTL_S);
     if ttl_s.1 == 0 || ttl_s.1 > MAX_TTL_S {
-        return err(ttl_s.0, format!("must be between 1 and {MAX_TTL_S} seconds"));
+        return err(
+            ttl_s.0,
+            format!("must be between 1 and {MAX_TTL_S} seconds"),
+        );
     }
-    let lock = pick(at, "lock_ttl_ms", r.lock_ttl_ms, d.lock_ttl_ms, DEFAULT_LOCK_TTL_MS);
+    let lock = pick(
+        at,
+        "lock_ttl_ms",
+        r.lock_ttl_ms,
+        d.lock_ttl_ms,
+        DEFAULT_LOCK_TTL_MS,
+    );
     if lock.1 < 100 || lock.1 > 86_400_000 {
         return err(lock.0, "must be between 100 and 86400000 milliseconds");
     }
-    let req_cap = pick(at, "max_request_body_bytes", r.max_request_body_bytes, d.max_request_body_bytes, DEFAULT_BODY_CAP_BYTES);
-    let resp_cap = pick(at, "max_response_body_bytes", r.max_response_body_bytes, d.max_response_body_bytes, DEFAULT_BODY_CAP_BYTES);
+    let req_cap = pick(
+        at,
+        "max_request_body_bytes",
+        r.max_request_body_bytes,
+        d.max_request_body_bytes,
+        DEFAULT_BODY_CAP_BYTES,
+    );
+    let resp_cap = pick(
+        at,
+        "max_response_body_bytes",
+        r.max_response_body_bytes,
+        d.max_response_body_bytes,
+        DEFAULT_BODY_CAP_BYTES,
+    );
     for (field, v) in [&req_cap, &resp_cap] {
         if *v == 0 || *v > MAX_BODY_CAP_BYTES {
-            return err(field.clone(), format!("must be between 1 and {MAX_BODY_CAP_BYTES} bytes"));
+            return err(
+                field.clone(),
+                format!("must be between 1 and {MAX_BODY_CAP_BYTES} bytes"),
+            );
         }
     }
 
-    let statuses_at = if r.store_statuses.is_some() { format!("{at}.store_statuses") } else { "defaults.store_statuses".into() };
+    let statuses_at = if r.store_statuses.is_some() {
+        format!("{at}.store_statuses")
+    } else {
+        "defaults.store_statuses".into()
+    };
     let statuses = r
         .store_statuses
         .clone()
         .or_else(|| d.store_statuses.clone())
-        .unwrap_or_else(|| DEFAULT_STORE_STATUSES.iter().map(|s| (*s).to_owned()).collect());
-    let mut store_statuses = StatusSet { allow: vec![], deny: vec![] };
+        .unwrap_or_else(|| {
+            DEFAULT_STORE_STATUSES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        });
+    let mut store_statuses = StatusSet {
+        allow: vec![],
+        deny: vec![],
+    };
     for s in &statuses {
-        let (neg, body) = s.strip_prefix('!').map_or((false, s.as_str()), |b| (true, b));
+        let (neg, body) = s
+            .strip_prefix('!')
+            .map_or((false, s.as_str()), |b| (true, b));
         let Some(rule) = StatusRule::parse(body) else {
-            return err(statuses_at, format!("{s:?} is not a status (\"201\"), a class (\"2xx\") or a negation (\"!429\")"));
+            return err(
+                statuses_at,
+                format!(
+                    "{s:?} is not a status (\"201\"), a class (\"2xx\") or a negation (\"!429\")"
+                ),
+            );
         };
-        if neg { store_statuses.deny.push(rule) } else { store_statuses.allow.push(rule) }
+        if neg {
+            store_statuses.deny.push(rule)
+        } else {
+            store_statuses.allow.push(rule)
+        }
     }
 
-    let fp = r.fingerprint.clone().or_else(|| d.fingerprint.clone()).unwrap_or_default();
-    let fp_at = if r.fingerprint.is_some() { format!("{at}.fingerprint") } else { "defaults.fingerprint".into() };
+    let fp = r
+        .fingerprint
+        .clone()
+        .or_else(|| d.fingerprint.clone())
+        .unwrap_or_default();
+    let fp_at = if r.fingerprint.is_some() {
+        format!("{at}.fingerprint")
+    } else {
+        "defaults.fingerprint".into()
+    };
     let exclude = fp.exclude_json.unwrap_or_default();
     for p in &exclude {
         if !p.starts_with('/') {
-            return err(format!("{fp_at}.exclude_json"), format!("{p:?} is not a JSON Pointer (RFC 6901): it must start with '/'"));
+            return err(
+                format!("{fp_at}.exclude_json"),
+                format!("{p:?} is not a JSON Pointer (RFC 6901): it must start with '/'"),
+            );
         }
     }
     let body_mode = match fp.body.unwrap_or(BodyKind::Raw) {
         BodyKind::Raw if !exclude.is_empty() => {
-            return err(format!("{fp_at}.exclude_json"), "needs \"body\": \"canonical_json\"");
+            return err(
+                format!("{fp_at}.exclude_json"),
+                "needs \"body\": \"canonical_json\"",
+            );
         }
         BodyKind::Raw => BodyMode::Raw,
         BodyKind::CanonicalJson => BodyMode::CanonicalJson { exclude },
@@ -499,12 +594,23 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
     let fingerprint_headers = fp.headers.unwrap_or_default();
     for h in &fingerprint_headers {
         if h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase() || b == b' ') {
-            return err(format!("{fp_at}.headers"), format!("{h:?} must be a lowercase header name"));
+            return err(
+                format!("{fp_at}.headers"),
+                format!("{h:?} must be a lowercase header name"),
+            );
         }
     }
 
-    let scope = r.scope.clone().or_else(|| d.scope.clone()).unwrap_or_else(|| ScopeSource::Header("authorization".into()));
-    let scope_at = if r.scope.is_some() { format!("{at}.scope") } else { "defaults.scope".into() };
+    let scope = r
+        .scope
+        .clone()
+        .or_else(|| d.scope.clone())
+        .unwrap_or_else(|| ScopeSource::Header("authorization".into()));
+    let scope_at = if r.scope.is_some() {
+        format!("{at}.scope")
+    } else {
+        "defaults.scope".into()
+    };
     match &scope {
         ScopeSource::Header(h) if h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase()) => {
             return err(scope_at, "the header name must be lowercase and not empty");
@@ -519,9 +625,20 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         .deny_response_headers
         .clone()
         .or_else(|| d.deny_response_headers.clone())
-        .unwrap_or_else(|| DEFAULT_DENY_RESPONSE_HEADERS.iter().map(|s| (*s).to_owned()).collect());
-    if let Some(bad) = deny.iter().find(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase())) {
-        return err(format!("{at}.deny_response_headers"), format!("{bad:?} must be a lowercase header name or prefix*"));
+        .unwrap_or_else(|| {
+            DEFAULT_DENY_RESPONSE_HEADERS
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect()
+        });
+    if let Some(bad) = deny
+        .iter()
+        .find(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase()))
+    {
+        return err(
+            format!("{at}.deny_response_headers"),
+            format!("{bad:?} must be a lowercase header name or prefix*"),
+        );
     }
 
     Ok(Route {
@@ -532,7 +649,10 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         ttl_s: ttl_s.1,
         lock_ttl_ms: lock.1,
         store_statuses,
-        failure_mode: r.failure_mode.or(d.failure_mode).unwrap_or(FailureMode::Closed),
+        failure_mode: r
+            .failure_mode
+            .or(d.failure_mode)
+            .unwrap_or(FailureMode::Closed),
         max_request_body_bytes: req_cap.1,
         max_response_body_bytes: resp_cap.1,
         body_mode,
@@ -544,7 +664,13 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
 }
 
 /// The route's value, else the default's, else `fallback`, with the field path to blame.
-fn pick(at: &str, field: &str, route: Option<u64>, default: Option<u64>, fallback: u64) -> (String, u64) {
+fn pick(
+    at: &str,
+    field: &str,
+    route: Option<u64>,
+    default: Option<u64>,
+    fallback: u64,
+) -> (String, u64) {
     match (route, default) {
         (Some(v), _) => (format!("{at}.{field}"), v),
         (None, Some(v)) => (format!("defaults.{field}"), v),
@@ -594,8 +720,16 @@ mod tests {
     #[test]
     fn route_matching_is_first_match_by_path_and_method() {
         let c = check(DEMO).unwrap();
-        assert_eq!(c.route_for("POST", "/v1/payments?x=1").map(|r| r.name.as_str()), Some("payments"));
-        assert_eq!(c.route_for("PATCH", "/v1/orders/1").map(|r| r.name.as_str()), Some("orders"));
+        assert_eq!(
+            c.route_for("POST", "/v1/payments?x=1")
+                .map(|r| r.name.as_str()),
+            Some("payments")
+        );
+        assert_eq!(
+            c.route_for("PATCH", "/v1/orders/1")
+                .map(|r| r.name.as_str()),
+            Some("orders")
+        );
         assert!(c.route_for("GET", "/v1/payments").is_none());
         assert!(c.route_for("POST", "/v2/payments").is_none());
         assert!(c.route_for("POST", "/v1/pay").is_none());
@@ -622,32 +756,53 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let e = failing(r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"ttl_s":0}]}"#);
+        let e = failing(
+            r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"ttl_s":0}]}"#,
+        );
         assert_eq!(e.field, "routes[0].ttl_s");
         let e = failing(r#"{"store":{"cluster":""},"routes":[]}"#);
         assert_eq!(e.field, "store.cluster");
-        let e = failing(r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"ttl":5}]}"#);
+        let e = failing(
+            r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"ttl":5}]}"#,
+        );
         assert_eq!(e.field, "routes[0].ttl");
         assert!(e.reason.contains("unknown field `ttl`"), "{e}");
-        let e = failing(r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"lock_ttl_ms":"5"}]}"#);
+        let e = failing(
+            r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"lock_ttl_ms":"5"}]}"#,
+        );
         assert_eq!(e.field, "routes[0].lock_ttl_ms");
-        let e = failing(r#"{"store":{"cluster":"s"},"defaults":{"lock_ttl_ms":0},"routes":[{"name":"a","match":{"path":"/a"}}]}"#);
+        let e = failing(
+            r#"{"store":{"cluster":"s"},"defaults":{"lock_ttl_ms":0},"routes":[{"name":"a","match":{"path":"/a"}}]}"#,
+        );
         assert_eq!(e.field, "defaults.lock_ttl_ms");
-        let e = failing(r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"}},{"name":"a","match":{"path":"/b"}}]}"#);
+        let e = failing(
+            r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"}},{"name":"a","match":{"path":"/b"}}]}"#,
+        );
         assert_eq!(e.field, "routes[1].name");
-        let e = failing(r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"a"}}]}"#);
+        let e =
+            failing(r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"a"}}]}"#);
         assert_eq!(e.field, "routes[0].match");
-        let e = failing(r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"methods":["post"]}]}"#);
+        let e = failing(
+            r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"methods":["post"]}]}"#,
+        );
         assert_eq!(e.field, "routes[0].methods");
-        let e = failing(r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"store_statuses":["2x"]}]}"#);
+        let e = failing(
+            r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"store_statuses":["2x"]}]}"#,
+        );
         assert_eq!(e.field, "routes[0].store_statuses");
-        let e = failing(r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"fingerprint":{"exclude_json":["/t"]}}]}"#);
+        let e = failing(
+            r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"fingerprint":{"exclude_json":["/t"]}}]}"#,
+        );
         assert_eq!(e.field, "routes[0].fingerprint.exclude_json");
-        let e = failing(r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"max_response_body_bytes":0}]}"#);
+        let e = failing(
+            r#"{"store":{"cluster":"s"},"routes":[{"name":"a","match":{"path":"/a"},"max_response_body_bytes":0}]}"#,
+        );
         assert_eq!(e.field, "routes[0].max_response_body_bytes");
         let e = failing("not json");
         assert_eq!(e.field, ".");
-        assert!(e.to_string().contains("invalid idemgate filter configuration"));
+        assert!(e
+            .to_string()
+            .contains("invalid idemgate filter configuration"));
     }
 
     #[test]
@@ -658,7 +813,10 @@ mod tests {
             {"name":"c","match":{"path":"/c"},"scope":{"header":"x-api-key"}}]}"#)
         .unwrap();
         assert_eq!(c.routes[0].scope, ScopeSource::Global);
-        assert_eq!(c.routes[1].scope.label(), "property:metadata/filter_metadata/jwt/sub");
+        assert_eq!(
+            c.routes[1].scope.label(),
+            "property:metadata/filter_metadata/jwt/sub"
+        );
         assert_eq!(c.routes[2].scope, ScopeSource::Header("x-api-key".into()));
     }
 
@@ -668,7 +826,15 @@ mod tests {
         let r = &c.routes[0];
         assert!(r.stores_header("location"));
         assert!(r.stores_header("content-type"));
-        for h in ["set-cookie", "transfer-encoding", "content-length", ":status", "x-ratelimit-remaining", "ratelimit-policy", "x-envoy-upstream-service-time"] {
+        for h in [
+            "set-cookie",
+            "transfer-encoding",
+            "content-length",
+            ":status",
+            "x-ratelimit-remaining",
+            "ratelimit-policy",
+            "x-envoy-upstream-service-time",
+        ] {
             assert!(!r.stores_header(h), "{h}");
         }
     }

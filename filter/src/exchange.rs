@@ -21,8 +21,8 @@ use idemgate_protocol::fingerprint::Fingerprint;
 use idemgate_protocol::problem::PROBLEM_JSON;
 use idemgate_protocol::{
     scope_hash, ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, Problem, ProblemType,
-    RecordId, ReleaseOutcome, ReleaseRequest, StoredResponse, CLAIM_PATH, COMPLETE_PATH, GLOBAL_SCOPE,
-    RELEASE_PATH,
+    RecordId, ReleaseOutcome, ReleaseRequest, StoredResponse, CLAIM_PATH, COMPLETE_PATH,
+    GLOBAL_SCOPE, RELEASE_PATH,
 };
 use serde::de::DeserializeOwned;
 
@@ -81,11 +81,21 @@ enum Phase {
     Start,
     PassThrough,
     Buffering(Pending),
-    Claiming { pending: Pending, token: u32 },
+    Claiming {
+        pending: Pending,
+        token: u32,
+    },
     Forwarded(Forwarded),
     Capturing(Capture),
-    Finishing { token: u32, kind: FinishKind, record: RecordId },
-    Replaying { status: u16, headers: Vec<(String, String)> },
+    Finishing {
+        token: u32,
+        kind: FinishKind,
+        record: RecordId,
+    },
+    Replaying {
+        status: u16,
+        headers: Vec<(String, String)>,
+    },
     Answered,
     Done,
 }
@@ -100,7 +110,10 @@ impl Exchange {
     /// A new stream. With `config` `None` (the plugin failed to configure) every request
     /// passes through.
     pub fn new(config: Option<Rc<Config>>) -> Self {
-        Self { config, phase: Phase::Start }
+        Self {
+            config,
+            phase: Phase::Start,
+        }
     }
 
     /// `on_http_request_headers`.
@@ -130,10 +143,21 @@ impl Exchange {
             }
             ([one], _) => match parse_key(one) {
                 Ok(k) => k,
-                Err(detail) => return self.reject_request(host, &route, ProblemType::KeyMalformed, detail, None),
+                Err(detail) => {
+                    return self.reject_request(
+                        host,
+                        &route,
+                        ProblemType::KeyMalformed,
+                        detail,
+                        None,
+                    )
+                }
             },
             (many, _) => {
-                let detail = format!("the request has {} Idempotency-Key fields; send exactly one", many.len());
+                let detail = format!(
+                    "the request has {} Idempotency-Key fields; send exactly one",
+                    many.len()
+                );
                 return self.reject_request(host, &route, ProblemType::KeyMalformed, detail, None);
             }
         };
@@ -145,7 +169,13 @@ impl Exchange {
                 let vals: Vec<&str> = values(&headers, name).collect();
                 if vals.is_empty() {
                     let detail = format!("route {} scopes idempotency keys by the {name} header, which the request lacks", route.name);
-                    return self.reject_request(host, &route, ProblemType::ScopeMissing, detail, Some(&key));
+                    return self.reject_request(
+                        host,
+                        &route,
+                        ProblemType::ScopeMissing,
+                        detail,
+                        Some(&key),
+                    );
                 }
                 scope_hash(&route.scope.label(), vals.join("\n").as_bytes())
             }
@@ -153,12 +183,20 @@ impl Exchange {
                 Some(v) if !v.is_empty() => scope_hash(&route.scope.label(), &v),
                 _ => {
                     let detail = format!("route {} scopes idempotency keys by the attribute {}, which the request lacks", route.name, path.join("."));
-                    return self.reject_request(host, &route, ProblemType::ScopeMissing, detail, Some(&key));
+                    return self.reject_request(
+                        host,
+                        &route,
+                        ProblemType::ScopeMissing,
+                        detail,
+                        Some(&key),
+                    );
                 }
             },
         };
 
-        if let Some(len) = header(&headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok()) {
+        if let Some(len) =
+            header(&headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok())
+        {
             if len > route.max_request_body_bytes {
                 return self.too_large(host, &route, Some(&RecordId { scope, key }), len);
             }
@@ -191,7 +229,12 @@ impl Exchange {
     }
 
     /// `on_http_request_body`. `body_size` is the size of the buffered body so far.
-    pub fn on_request_body(&mut self, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Flow {
+    pub fn on_request_body(
+        &mut self,
+        host: &dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Buffering(pending) => {
                 if body_size as u64 > pending.route.max_request_body_bytes {
@@ -206,9 +249,16 @@ impl Exchange {
                 self.claim(host, pending, &body)
             }
             other => {
-                let hold = matches!(other, Phase::Claiming { .. } | Phase::Answered | Phase::Replaying { .. });
+                let hold = matches!(
+                    other,
+                    Phase::Claiming { .. } | Phase::Answered | Phase::Replaying { .. }
+                );
                 self.phase = other;
-                if hold { Flow::Pause } else { Flow::Continue }
+                if hold {
+                    Flow::Pause
+                } else {
+                    Flow::Continue
+                }
             }
         }
     }
@@ -218,7 +268,8 @@ impl Exchange {
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Buffering(pending) => {
                 let cap = pending.route.max_request_body_bytes;
-                let body = host.request_body(usize::try_from(cap).unwrap_or(usize::MAX).saturating_add(1));
+                let body =
+                    host.request_body(usize::try_from(cap).unwrap_or(usize::MAX).saturating_add(1));
                 if body.len() as u64 > cap {
                     let route = pending.route.clone();
                     return self.too_large(host, &route, Some(&pending.record), body.len() as u64);
@@ -228,7 +279,11 @@ impl Exchange {
             other => {
                 let hold = matches!(other, Phase::Claiming { .. } | Phase::Answered);
                 self.phase = other;
-                if hold { Flow::Pause } else { Flow::Continue }
+                if hold {
+                    Flow::Pause
+                } else {
+                    Flow::Continue
+                }
             }
         }
     }
@@ -236,14 +291,23 @@ impl Exchange {
     /// `on_http_call_response` for a store call.
     pub fn on_store_reply(&mut self, host: &dyn Host, token: u32, reply: StoreReply) {
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Claiming { pending, token: t } if t == token => self.on_claim_reply(host, pending, reply),
-            Phase::Finishing { token: t, kind, record } if t == token => {
+            Phase::Claiming { pending, token: t } if t == token => {
+                self.on_claim_reply(host, pending, reply)
+            }
+            Phase::Finishing {
+                token: t,
+                kind,
+                record,
+            } if t == token => {
                 self.on_finish_reply(host, kind, &record, reply);
                 host.resume_response();
             }
             other => {
                 self.phase = other;
-                host.log(Level::Debug, &format!("idemgate: store reply for unknown call {token} ignored"));
+                host.log(
+                    Level::Debug,
+                    &format!("idemgate: store reply for unknown call {token} ignored"),
+                );
             }
         }
     }
@@ -266,10 +330,22 @@ impl Exchange {
             }
             Phase::Forwarded(fwd) => {
                 let all = host.response_headers();
-                let status = header(&all, ":status").and_then(|s| s.parse::<u16>().ok()).unwrap_or(0);
-                let declared = header(&all, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
-                let headers = all.into_iter().filter(|(n, _)| fwd.route.stores_header(n)).collect();
-                let mut capture = Capture { fwd, status, headers, body: Vec::new(), over_cap: false };
+                let status = header(&all, ":status")
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .unwrap_or(0);
+                let declared =
+                    header(&all, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+                let headers = all
+                    .into_iter()
+                    .filter(|(n, _)| fwd.route.stores_header(n))
+                    .collect();
+                let mut capture = Capture {
+                    fwd,
+                    status,
+                    headers,
+                    body: Vec::new(),
+                    over_cap: false,
+                };
                 if declared.is_some_and(|len| len > capture.fwd.route.max_response_body_bytes) {
                     self.mark_over_cap(host, &mut capture);
                 }
@@ -291,10 +367,16 @@ impl Exchange {
     /// `body_size` is the whole body so far) until its end or the cap, because a client
     /// that has every byte may close the connection before the response is stored. Over
     /// the cap the buffer is released (`Continue`) and the key will not be replayable.
-    pub fn on_response_body(&mut self, host: &dyn Host, body_size: usize, end_of_stream: bool) -> Flow {
+    pub fn on_response_body(
+        &mut self,
+        host: &dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Capturing(mut capture) => {
-                if !capture.over_cap && body_size as u64 > capture.fwd.route.max_response_body_bytes {
+                if !capture.over_cap && body_size as u64 > capture.fwd.route.max_response_body_bytes
+                {
                     self.mark_over_cap(host, &mut capture);
                 }
                 if end_of_stream {
@@ -303,14 +385,22 @@ impl Exchange {
                     }
                     return self.finish(host, capture);
                 }
-                let flow = if capture.over_cap { Flow::Continue } else { Flow::Pause };
+                let flow = if capture.over_cap {
+                    Flow::Continue
+                } else {
+                    Flow::Pause
+                };
                 self.phase = Phase::Capturing(capture);
                 flow
             }
             other => {
                 let hold = matches!(other, Phase::Finishing { .. });
                 self.phase = other;
-                if hold { Flow::Pause } else { Flow::Continue }
+                if hold {
+                    Flow::Pause
+                } else {
+                    Flow::Continue
+                }
             }
         }
     }
@@ -322,8 +412,20 @@ impl Exchange {
             "the response exceeds {} bytes; it is passed on but will not be replayable",
             capture.fwd.route.max_response_body_bytes
         );
-        host.log(Level::Info, &format!("idemgate: route {} key {:?}: {detail}", capture.fwd.route.name, capture.fwd.record.key));
-        report(host, &capture.fwd.route, ReportKind::BodyCap, Some(&capture.fwd.record), detail);
+        host.log(
+            Level::Info,
+            &format!(
+                "idemgate: route {} key {:?}: {detail}",
+                capture.fwd.route.name, capture.fwd.record.key
+            ),
+        );
+        report(
+            host,
+            &capture.fwd.route,
+            ReportKind::BodyCap,
+            Some(&capture.fwd.record),
+            detail,
+        );
     }
 
     /// `on_http_response_trailers`: the response ends here.
@@ -346,7 +448,10 @@ impl Exchange {
 
     fn claim(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Flow {
         let route = pending.route.clone();
-        let fingerprint = pending.fingerprint.clone().finish_with_body(body, &route.body_mode);
+        let fingerprint = pending
+            .fingerprint
+            .clone()
+            .finish_with_body(body, &route.body_mode);
         let request = ClaimRequest {
             record: pending.record.clone(),
             fingerprint,
@@ -355,13 +460,22 @@ impl Exchange {
             path: pending.path.clone(),
             lock_ttl_ms: route.lock_ttl_ms,
         };
-        let call = StoreCall { path: CLAIM_PATH, body: to_json(&request), detached: false };
+        let call = StoreCall {
+            path: CLAIM_PATH,
+            body: to_json(&request),
+            detached: false,
+        };
         match host.dispatch(call) {
             Ok(token) => {
                 self.phase = Phase::Claiming { pending, token };
                 Flow::Pause
             }
-            Err(reason) => self.store_failed(host, &route, &pending.record, &format!("claim could not be dispatched: {reason}")),
+            Err(reason) => self.store_failed(
+                host,
+                &route,
+                &pending.record,
+                &format!("claim could not be dispatched: {reason}"),
+            ),
         }
     }
 
@@ -370,7 +484,13 @@ impl Exchange {
         let outcome = match decode::<ClaimOutcome>(&reply) {
             Ok(o) => o,
             Err(reason) => {
-                if self.store_failed(host, &route, &pending.record, &format!("claim failed: {reason}")) == Flow::Continue {
+                if self.store_failed(
+                    host,
+                    &route,
+                    &pending.record,
+                    &format!("claim failed: {reason}"),
+                ) == Flow::Continue
+                {
                     host.resume_request();
                 }
                 return;
@@ -379,12 +499,20 @@ impl Exchange {
         match outcome {
             ClaimOutcome::Acquired { fencing_token } => {
                 host.count(Metric::Acquired, 1);
-                self.phase = Phase::Forwarded(Forwarded { route, record: pending.record, fencing_token });
+                self.phase = Phase::Forwarded(Forwarded {
+                    route,
+                    record: pending.record,
+                    fencing_token,
+                });
                 host.resume_request();
             }
             ClaimOutcome::Replay { response } => {
                 host.count(Metric::Replayed, 1);
-                let StoredResponse { status, headers, body } = response;
+                let StoredResponse {
+                    status,
+                    headers,
+                    body,
+                } = response;
                 host.local_reply(status, &headers, &body);
                 self.phase = Phase::Replaying { status, headers };
             }
@@ -405,40 +533,106 @@ impl Exchange {
     }
 
     /// The store could not answer: the route's failure mode decides.
-    fn store_failed(&mut self, host: &dyn Host, route: &Route, record: &RecordId, reason: &str) -> Flow {
+    fn store_failed(
+        &mut self,
+        host: &dyn Host,
+        route: &Route,
+        record: &RecordId,
+        reason: &str,
+    ) -> Flow {
         host.count(Metric::StoreErrors, 1);
         match route.failure_mode {
             FailureMode::Closed => {
-                host.log(Level::Warn, &format!("idemgate: route {}: {reason}; failing closed (503)", route.name));
-                report(host, route, ReportKind::StoreError, Some(record), format!("{reason}; failed closed (503)"));
-                self.reject(host, ProblemType::StoreUnavailable, "the idempotency store did not answer; retry later".to_owned(), Some(STORE_UNAVAILABLE_RETRY_AFTER_S))
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "idemgate: route {}: {reason}; failing closed (503)",
+                        route.name
+                    ),
+                );
+                report(
+                    host,
+                    route,
+                    ReportKind::StoreError,
+                    Some(record),
+                    format!("{reason}; failed closed (503)"),
+                );
+                self.reject(
+                    host,
+                    ProblemType::StoreUnavailable,
+                    "the idempotency store did not answer; retry later".to_owned(),
+                    Some(STORE_UNAVAILABLE_RETRY_AFTER_S),
+                )
             }
             FailureMode::Open => {
-                host.log(Level::Warn, &format!("idemgate: route {}: {reason}; failing open (forwarding unprotected)", route.name));
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "idemgate: route {}: {reason}; failing open (forwarding unprotected)",
+                        route.name
+                    ),
+                );
                 host.count(Metric::FailOpenPasses, 1);
-                report(host, route, ReportKind::FailOpen, Some(record), format!("{reason}; forwarded unprotected"));
+                report(
+                    host,
+                    route,
+                    ReportKind::FailOpen,
+                    Some(record),
+                    format!("{reason}; forwarded unprotected"),
+                );
                 self.phase = Phase::PassThrough;
                 Flow::Continue
             }
         }
     }
 
-    fn too_large(&mut self, host: &dyn Host, route: &Route, record: Option<&RecordId>, size: u64) -> Flow {
+    fn too_large(
+        &mut self,
+        host: &dyn Host,
+        route: &Route,
+        record: Option<&RecordId>,
+        size: u64,
+    ) -> Flow {
         host.count(Metric::BodyCapEvents, 1);
-        let detail = format!("the request body has at least {size} bytes; route {} fingerprints at most {} bytes", route.name, route.max_request_body_bytes);
+        let detail = format!(
+            "the request body has at least {size} bytes; route {} fingerprints at most {} bytes",
+            route.name, route.max_request_body_bytes
+        );
         report(host, route, ReportKind::BodyCap, record, detail.clone());
         self.reject(host, ProblemType::RequestTooLarge, detail, None)
     }
 
     /// A 400/401 for the request itself (key or scope), counted and reported.
-    fn reject_request(&mut self, host: &dyn Host, route: &Route, kind: ProblemType, detail: String, key: Option<&str>) -> Flow {
+    fn reject_request(
+        &mut self,
+        host: &dyn Host,
+        route: &Route,
+        kind: ProblemType,
+        detail: String,
+        key: Option<&str>,
+    ) -> Flow {
         host.count(Metric::RejectedKeys, 1);
-        let record = key.map(|k| RecordId { scope: String::new(), key: k.to_owned() });
-        report(host, route, ReportKind::Rejected, record.as_ref(), detail.clone());
+        let record = key.map(|k| RecordId {
+            scope: String::new(),
+            key: k.to_owned(),
+        });
+        report(
+            host,
+            route,
+            ReportKind::Rejected,
+            record.as_ref(),
+            detail.clone(),
+        );
         self.reject(host, kind, detail, None)
     }
 
-    fn reject(&mut self, host: &dyn Host, kind: ProblemType, detail: String, retry_after_s: Option<u64>) -> Flow {
+    fn reject(
+        &mut self,
+        host: &dyn Host,
+        kind: ProblemType,
+        detail: String,
+        retry_after_s: Option<u64>,
+    ) -> Flow {
         let mut problem = Problem::new(kind, detail);
         let mut headers = vec![
             ("content-type".to_owned(), PROBLEM_JSON.to_owned()),
@@ -455,10 +649,20 @@ impl Exchange {
 
     /// The response is complete: store it (`complete`) or give the key up (`release`).
     fn finish(&mut self, host: &dyn Host, capture: Capture) -> Flow {
-        let Capture { fwd, status, headers, body, over_cap } = capture;
+        let Capture {
+            fwd,
+            status,
+            headers,
+            body,
+            over_cap,
+        } = capture;
         let route = fwd.route.clone();
         let (kind, call) = if route.store_statuses.stores(status) {
-            let response = (!over_cap).then_some(StoredResponse { status, headers, body });
+            let response = (!over_cap).then_some(StoredResponse {
+                status,
+                headers,
+                body,
+            });
             let request = CompleteRequest {
                 record: fwd.record.clone(),
                 fencing_token: fwd.fencing_token,
@@ -466,35 +670,92 @@ impl Exchange {
                 response,
                 ttl_s: route.ttl_s,
             };
-            (FinishKind::Complete, StoreCall { path: COMPLETE_PATH, body: to_json(&request), detached: true })
+            (
+                FinishKind::Complete,
+                StoreCall {
+                    path: COMPLETE_PATH,
+                    body: to_json(&request),
+                    detached: true,
+                },
+            )
         } else {
-            let request = ReleaseRequest { record: fwd.record.clone(), fencing_token: fwd.fencing_token, status: Some(status) };
-            (FinishKind::Release, StoreCall { path: RELEASE_PATH, body: to_json(&request), detached: true })
+            let request = ReleaseRequest {
+                record: fwd.record.clone(),
+                fencing_token: fwd.fencing_token,
+                status: Some(status),
+            };
+            (
+                FinishKind::Release,
+                StoreCall {
+                    path: RELEASE_PATH,
+                    body: to_json(&request),
+                    detached: true,
+                },
+            )
         };
         match host.dispatch(call) {
             Ok(token) => {
-                self.phase = Phase::Finishing { token, kind, record: fwd.record };
+                self.phase = Phase::Finishing {
+                    token,
+                    kind,
+                    record: fwd.record,
+                };
                 Flow::Pause
             }
             Err(reason) => {
                 host.count(Metric::StoreErrors, 1);
-                let detail = format!("{kind:?} could not be dispatched ({reason}); the lock expires after {} ms", route.lock_ttl_ms);
-                host.log(Level::Warn, &format!("idemgate: route {} key {:?}: {detail}", route.name, fwd.record.key));
-                report(host, &route, ReportKind::StoreError, Some(&fwd.record), detail);
+                let detail = format!(
+                    "{kind:?} could not be dispatched ({reason}); the lock expires after {} ms",
+                    route.lock_ttl_ms
+                );
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "idemgate: route {} key {:?}: {detail}",
+                        route.name, fwd.record.key
+                    ),
+                );
+                report(
+                    host,
+                    &route,
+                    ReportKind::StoreError,
+                    Some(&fwd.record),
+                    detail,
+                );
                 self.phase = Phase::Done;
                 Flow::Continue
             }
         }
     }
 
-    fn on_finish_reply(&mut self, host: &dyn Host, kind: FinishKind, record: &RecordId, reply: StoreReply) {
+    fn on_finish_reply(
+        &mut self,
+        host: &dyn Host,
+        kind: FinishKind,
+        record: &RecordId,
+        reply: StoreReply,
+    ) {
         let lost = match kind {
             FinishKind::Complete => decode::<CompleteOutcome>(&reply).map(|o| {
-                host.count(if o == CompleteOutcome::Completed { Metric::Completed } else { Metric::LockLost }, 1);
+                host.count(
+                    if o == CompleteOutcome::Completed {
+                        Metric::Completed
+                    } else {
+                        Metric::LockLost
+                    },
+                    1,
+                );
                 o == CompleteOutcome::LockLost
             }),
             FinishKind::Release => decode::<ReleaseOutcome>(&reply).map(|o| {
-                host.count(if o == ReleaseOutcome::Released { Metric::Released } else { Metric::LockLost }, 1);
+                host.count(
+                    if o == ReleaseOutcome::Released {
+                        Metric::Released
+                    } else {
+                        Metric::LockLost
+                    },
+                    1,
+                );
                 o == ReleaseOutcome::LockLost
             }),
         };
@@ -515,7 +776,13 @@ impl Exchange {
 
 /// Tells the server about a decision it did not see (fire-and-forget, detached so it
 /// outlives the stream; the answer is ignored). Off when `store.report_events` is false.
-fn report(host: &dyn Host, route: &Route, kind: ReportKind, record: Option<&RecordId>, detail: String) {
+fn report(
+    host: &dyn Host,
+    route: &Route,
+    kind: ReportKind,
+    record: Option<&RecordId>,
+    detail: String,
+) {
     if !route.report_events {
         return;
     }
@@ -526,18 +793,34 @@ fn report(host: &dyn Host, route: &Route, kind: ReportKind, record: Option<&Reco
         key: record.map(|r| r.key.clone()),
         detail,
     };
-    let call = StoreCall { path: REPORT_PATH, body: to_json(&report), detached: true };
+    let call = StoreCall {
+        path: REPORT_PATH,
+        body: to_json(&report),
+        detached: true,
+    };
     if let Err(reason) = host.dispatch(call) {
-        host.log(Level::Debug, &format!("idemgate: report not sent: {reason}"));
+        host.log(
+            Level::Debug,
+            &format!("idemgate: report not sent: {reason}"),
+        );
     }
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }
 
-fn values<'a>(headers: &'a [(String, String)], name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-    headers.iter().filter(move |(n, _)| n == name).map(|(_, v)| v.as_str())
+fn values<'a>(
+    headers: &'a [(String, String)],
+    name: &'a str,
+) -> impl Iterator<Item = &'a str> + 'a {
+    headers
+        .iter()
+        .filter(move |(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
 }
 
 fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -548,7 +831,9 @@ fn to_json<T: serde::Serialize>(value: &T) -> Vec<u8> {
 fn decode<T: DeserializeOwned>(reply: &StoreReply) -> Result<T, String> {
     match reply.status {
         None => Err("the store call failed or timed out".into()),
-        Some(200) => serde_json::from_slice(&reply.body).map_err(|e| format!("unreadable store answer: {e}")),
+        Some(200) => {
+            serde_json::from_slice(&reply.body).map_err(|e| format!("unreadable store answer: {e}"))
+        }
         Some(status) => {
             let detail = serde_json::from_slice::<Problem>(&reply.body)
                 .ok()

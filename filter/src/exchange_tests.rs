@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 use idemgate_protocol::admin::{FilterReport, ReportKind, REPORT_PATH};
-use idemgate_protocol::{ClaimOutcome, ClaimRequest, CompleteRequest, ReleaseRequest, StoredResponse};
+use idemgate_protocol::{
+    ClaimOutcome, ClaimRequest, CompleteRequest, ReleaseRequest, StoredResponse,
+};
 
 use super::*;
 use crate::config::Config;
@@ -13,10 +15,18 @@ use crate::config::Config;
 /// Everything the logic did to the host, in order.
 #[derive(Debug, Clone, PartialEq)]
 enum Effect {
-    Dispatch { path: &'static str, detached: bool, token: u32 },
+    Dispatch {
+        path: &'static str,
+        detached: bool,
+        token: u32,
+    },
     ResumeRequest,
     ResumeResponse,
-    LocalReply { status: u16, headers: Vec<(String, String)>, body: Vec<u8> },
+    LocalReply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
     SetResponseHeaders(Vec<(String, String)>),
 }
 
@@ -41,8 +51,16 @@ impl FakeHost {
             (":path".to_owned(), path.to_owned()),
             (":authority".to_owned(), "api".to_owned()),
         ];
-        all.extend(headers.iter().map(|(n, v)| ((*n).to_owned(), (*v).to_owned())));
-        Self { request_headers: all, next_token: RefCell::new(1), ..Self::default() }
+        all.extend(
+            headers
+                .iter()
+                .map(|(n, v)| ((*n).to_owned(), (*v).to_owned())),
+        );
+        Self {
+            request_headers: all,
+            next_token: RefCell::new(1),
+            ..Self::default()
+        }
     }
 
     fn with_body(mut self, body: &[u8]) -> Self {
@@ -61,13 +79,24 @@ impl FakeHost {
     /// The last store call other than a report.
     fn last_call<T: serde::de::DeserializeOwned>(&self) -> (u32, T) {
         let calls = self.calls.borrow();
-        let (token, _, body) = calls.iter().rev().find(|(_, path, _)| *path != REPORT_PATH).expect("a store call");
-        (*token, serde_json::from_slice(body).expect("a store call body"))
+        let (token, _, body) = calls
+            .iter()
+            .rev()
+            .find(|(_, path, _)| *path != REPORT_PATH)
+            .expect("a store call");
+        (
+            *token,
+            serde_json::from_slice(body).expect("a store call body"),
+        )
     }
 
     /// Store calls other than reports.
     fn store_calls(&self) -> usize {
-        self.calls.borrow().iter().filter(|(_, path, _)| *path != REPORT_PATH).count()
+        self.calls
+            .borrow()
+            .iter()
+            .filter(|(_, path, _)| *path != REPORT_PATH)
+            .count()
     }
 
     /// The reports sent, in order.
@@ -82,12 +111,22 @@ impl FakeHost {
 
     fn last_reply(&self) -> (u16, Vec<(String, String)>, serde_json::Value) {
         let effects = self.effects.borrow();
-        let Some(Effect::LocalReply { status, headers, body }) =
-            effects.iter().rev().find(|e| matches!(e, Effect::LocalReply { .. }))
+        let Some(Effect::LocalReply {
+            status,
+            headers,
+            body,
+        }) = effects
+            .iter()
+            .rev()
+            .find(|e| matches!(e, Effect::LocalReply { .. }))
         else {
             panic!("no local reply in {effects:?}");
         };
-        (*status, headers.clone(), serde_json::from_slice(body).unwrap_or(serde_json::Value::Null))
+        (
+            *status,
+            headers.clone(),
+            serde_json::from_slice(body).unwrap_or(serde_json::Value::Null),
+        )
     }
 }
 
@@ -103,10 +142,17 @@ impl Host for FakeHost {
     }
     fn set_response_headers(&self, headers: &[(String, String)]) {
         *self.response_headers.borrow_mut() = headers.to_vec();
-        self.effects.borrow_mut().push(Effect::SetResponseHeaders(headers.to_vec()));
+        self.effects
+            .borrow_mut()
+            .push(Effect::SetResponseHeaders(headers.to_vec()));
     }
     fn response_body(&self, max_bytes: usize) -> Vec<u8> {
-        self.response_chunk.borrow().iter().take(max_bytes).copied().collect()
+        self.response_chunk
+            .borrow()
+            .iter()
+            .take(max_bytes)
+            .copied()
+            .collect()
     }
     fn property(&self, path: &[String]) -> Option<Vec<u8>> {
         self.properties.get(path).cloned()
@@ -118,7 +164,11 @@ impl Host for FakeHost {
         let token = *self.next_token.borrow();
         *self.next_token.borrow_mut() += 1;
         self.calls.borrow_mut().push((token, call.path, call.body));
-        self.effects.borrow_mut().push(Effect::Dispatch { path: call.path, detached: call.detached, token });
+        self.effects.borrow_mut().push(Effect::Dispatch {
+            path: call.path,
+            detached: call.detached,
+            token,
+        });
         Ok(token)
     }
     fn resume_request(&self) {
@@ -128,7 +178,11 @@ impl Host for FakeHost {
         self.effects.borrow_mut().push(Effect::ResumeResponse);
     }
     fn local_reply(&self, status: u16, headers: &[(String, String)], body: &[u8]) {
-        self.effects.borrow_mut().push(Effect::LocalReply { status, headers: headers.to_vec(), body: body.to_vec() });
+        self.effects.borrow_mut().push(Effect::LocalReply {
+            status,
+            headers: headers.to_vec(),
+            body: body.to_vec(),
+        });
     }
     fn count(&self, metric: Metric, delta: i64) {
         *self.counters.borrow_mut().entry(metric).or_default() += delta;
@@ -150,36 +204,66 @@ const CONFIG: &str = r#"{
 }"#;
 
 fn exchange() -> Exchange {
-    Exchange::new(Some(Rc::new(Config::from_json(CONFIG.as_bytes()).expect("test config"))))
+    Exchange::new(Some(Rc::new(
+        Config::from_json(CONFIG.as_bytes()).expect("test config"),
+    )))
 }
 
 fn ok(body: &impl serde::Serialize) -> StoreReply {
-    StoreReply { status: Some(200), body: serde_json::to_vec(body).expect("json") }
+    StoreReply {
+        status: Some(200),
+        body: serde_json::to_vec(body).expect("json"),
+    }
 }
 
 const AUTH: (&str, &str) = ("authorization", "Bearer tenant-a");
 
 /// Drives a POST with a body up to the claim; returns the claim request.
 fn claim_payment(x: &mut Exchange, host: &FakeHost) -> (u32, ClaimRequest) {
-    assert_eq!(x.on_request_headers(host, false), Flow::Pause, "headers are held");
+    assert_eq!(
+        x.on_request_headers(host, false),
+        Flow::Pause,
+        "headers are held"
+    );
     let len = host.request_body.len();
-    assert_eq!(x.on_request_body(host, len, true), Flow::Pause, "held while claiming");
+    assert_eq!(
+        x.on_request_body(host, len, true),
+        Flow::Pause,
+        "held while claiming"
+    );
     host.last_call::<ClaimRequest>()
 }
 
 #[test]
 fn first_request_is_claimed_forwarded_and_completed() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "\"k1\""), ("content-type", "application/json")])
-        .with_body(br#"{"amount": 10}"#);
+    let host = FakeHost::request(
+        "POST",
+        "/v1/payments",
+        &[
+            AUTH,
+            ("idempotency-key", "\"k1\""),
+            ("content-type", "application/json"),
+        ],
+    )
+    .with_body(br#"{"amount": 10}"#);
     let mut x = exchange();
     let (token, claim) = claim_payment(&mut x, &host);
     assert_eq!(claim.record.key, "k1");
     assert_eq!(claim.route, "payments");
     assert_eq!(claim.lock_ttl_ms, crate::config::DEFAULT_LOCK_TTL_MS);
     assert_eq!(claim.record.scope.len(), 64);
-    assert!(!host.effects().contains(&Effect::ResumeRequest), "nothing forwarded before the claim answers");
+    assert!(
+        !host.effects().contains(&Effect::ResumeRequest),
+        "nothing forwarded before the claim answers"
+    );
 
-    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "ft".into() }));
+    x.on_store_reply(
+        &host,
+        token,
+        ok(&ClaimOutcome::Acquired {
+            fencing_token: "ft".into(),
+        }),
+    );
     assert_eq!(host.effects().last(), Some(&Effect::ResumeRequest));
     assert_eq!(host.count_of(Metric::Acquired), 1);
 
@@ -193,11 +277,26 @@ fn first_request_is_claimed_forwarded_and_completed() {
     ];
     assert_eq!(x.on_response_headers(&host, false), Flow::Continue);
     *host.response_chunk.borrow_mut() = b"0123456789".to_vec();
-    assert_eq!(x.on_response_body(&host, 10, false), Flow::Pause, "buffered until the end");
+    assert_eq!(
+        x.on_response_body(&host, 10, false),
+        Flow::Pause,
+        "buffered until the end"
+    );
     *host.response_chunk.borrow_mut() = b"0123456789abcdefghij".to_vec();
-    assert_eq!(x.on_response_body(&host, 20, true), Flow::Pause, "held until stored");
+    assert_eq!(
+        x.on_response_body(&host, 20, true),
+        Flow::Pause,
+        "held until stored"
+    );
     let (token, complete) = host.last_call::<CompleteRequest>();
-    assert!(matches!(host.effects().last(), Some(Effect::Dispatch { path: "/v1/complete", detached: true, .. })));
+    assert!(matches!(
+        host.effects().last(),
+        Some(Effect::Dispatch {
+            path: "/v1/complete",
+            detached: true,
+            ..
+        })
+    ));
     assert_eq!(complete.fencing_token, "ft");
     assert_eq!(complete.status, 201);
     assert_eq!(complete.ttl_s, crate::config::DEFAULT_TTL_S);
@@ -219,19 +318,32 @@ fn first_request_is_claimed_forwarded_and_completed() {
 
 #[test]
 fn replay_answers_locally_with_exact_headers_and_marker() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")]).with_body(b"{}");
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")])
+        .with_body(b"{}");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
     let stored = StoredResponse {
         status: 201,
-        headers: vec![("location".into(), "/v1/payments/1".into()), ("content-type".into(), "application/json".into())],
+        headers: vec![
+            ("location".into(), "/v1/payments/1".into()),
+            ("content-type".into(), "application/json".into()),
+        ],
         body: b"{\"id\":1}".to_vec(),
     };
-    x.on_store_reply(&host, token, ok(&ClaimOutcome::Replay { response: stored.clone() }));
+    x.on_store_reply(
+        &host,
+        token,
+        ok(&ClaimOutcome::Replay {
+            response: stored.clone(),
+        }),
+    );
     let (status, headers, _) = host.last_reply();
     assert_eq!(status, 201);
     assert_eq!(headers, stored.headers);
-    assert!(!host.effects().contains(&Effect::ResumeRequest), "a replay never reaches the upstream");
+    assert!(
+        !host.effects().contains(&Effect::ResumeRequest),
+        "a replay never reaches the upstream"
+    );
     // Envoy's local reply passes our response callback: the headers become exactly the stored ones.
     *host.response_headers.borrow_mut() = vec![
         (":status".into(), "201".into()),
@@ -256,14 +368,24 @@ fn replay_answers_locally_with_exact_headers_and_marker() {
 
 #[test]
 fn in_flight_gets_409_with_retry_after_rounded_up() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")]).with_body(b"{}");
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")])
+        .with_body(b"{}");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(&host, token, ok(&ClaimOutcome::InFlight { retry_after_ms: 2_001 }));
+    x.on_store_reply(
+        &host,
+        token,
+        ok(&ClaimOutcome::InFlight {
+            retry_after_ms: 2_001,
+        }),
+    );
     let (status, headers, body) = host.last_reply();
     assert_eq!(status, 409);
     assert!(headers.contains(&("retry-after".to_owned(), "3".to_owned())));
-    assert!(headers.contains(&("content-type".to_owned(), "application/problem+json".to_owned())));
+    assert!(headers.contains(&(
+        "content-type".to_owned(),
+        "application/problem+json".to_owned()
+    )));
     assert_eq!(body["type"], "urn:idemgate:problem:in-flight");
     assert_eq!(body["retry_after_s"], 3);
     assert_eq!(host.count_of(Metric::InFlightConflicts), 1);
@@ -271,42 +393,80 @@ fn in_flight_gets_409_with_retry_after_rounded_up() {
 
 #[test]
 fn mismatch_gets_422_and_not_replayable_gets_409_of_its_own_type() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")]).with_body(b"{}");
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")])
+        .with_body(b"{}");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
     x.on_store_reply(&host, token, ok(&ClaimOutcome::Mismatch));
     let (status, _, body) = host.last_reply();
-    assert_eq!((status, body["type"].as_str()), (422, Some("urn:idemgate:problem:key-reused")));
+    assert_eq!(
+        (status, body["type"].as_str()),
+        (422, Some("urn:idemgate:problem:key-reused"))
+    );
 
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(&host, token, ok(&ClaimOutcome::NotReplayable { status: 200 }));
+    x.on_store_reply(
+        &host,
+        token,
+        ok(&ClaimOutcome::NotReplayable { status: 200 }),
+    );
     let (status, _, body) = host.last_reply();
-    assert_eq!((status, body["type"].as_str()), (409, Some("urn:idemgate:problem:not-replayable")));
+    assert_eq!(
+        (status, body["type"].as_str()),
+        (409, Some("urn:idemgate:problem:not-replayable"))
+    );
 }
 
 #[test]
 fn key_errors_are_400_and_never_reach_the_store() {
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
         (vec![AUTH], "urn:idemgate:problem:key-missing"),
-        (vec![AUTH, ("idempotency-key", "")], "urn:idemgate:problem:key-malformed"),
-        (vec![AUTH, ("idempotency-key", "\"open")], "urn:idemgate:problem:key-malformed"),
-        (vec![AUTH, ("idempotency-key", "a"), ("idempotency-key", "b")], "urn:idemgate:problem:key-malformed"),
+        (
+            vec![AUTH, ("idempotency-key", "")],
+            "urn:idemgate:problem:key-malformed",
+        ),
+        (
+            vec![AUTH, ("idempotency-key", "\"open")],
+            "urn:idemgate:problem:key-malformed",
+        ),
+        (
+            vec![AUTH, ("idempotency-key", "a"), ("idempotency-key", "b")],
+            "urn:idemgate:problem:key-malformed",
+        ),
     ];
     let long = "x".repeat(256);
     let mut cases = cases;
-    cases.push((vec![AUTH, ("idempotency-key", long.as_str())], "urn:idemgate:problem:key-malformed"));
+    cases.push((
+        vec![AUTH, ("idempotency-key", long.as_str())],
+        "urn:idemgate:problem:key-malformed",
+    ));
     for (headers, expected) in cases {
         let host = FakeHost::request("POST", "/v1/payments", &headers);
         let mut x = exchange();
         assert_eq!(x.on_request_headers(&host, false), Flow::Pause);
         let (status, _, body) = host.last_reply();
-        assert_eq!((status, body["type"].as_str()), (400, Some(expected)), "{headers:?}");
+        assert_eq!(
+            (status, body["type"].as_str()),
+            (400, Some(expected)),
+            "{headers:?}"
+        );
         assert_eq!(host.store_calls(), 0);
         let reports = host.reports();
         assert_eq!(reports.len(), 1, "{reports:?}");
-        assert_eq!((reports[0].kind, reports[0].route.as_str(), reports[0].key.as_deref()), (ReportKind::Rejected, "payments", None));
-        assert_eq!(x.on_request_body(&host, 3, true), Flow::Pause, "the answered request's body is held");
+        assert_eq!(
+            (
+                reports[0].kind,
+                reports[0].route.as_str(),
+                reports[0].key.as_deref()
+            ),
+            (ReportKind::Rejected, "payments", None)
+        );
+        assert_eq!(
+            x.on_request_body(&host, 3, true),
+            Flow::Pause,
+            "the answered request's body is held"
+        );
     }
 }
 
@@ -316,7 +476,10 @@ fn missing_scope_is_401_never_a_shared_scope() {
     let mut x = exchange();
     x.on_request_headers(&host, true);
     let (status, _, body) = host.last_reply();
-    assert_eq!((status, body["type"].as_str()), (401, Some("urn:idemgate:problem:scope-missing")));
+    assert_eq!(
+        (status, body["type"].as_str()),
+        (401, Some("urn:idemgate:problem:scope-missing"))
+    );
 
     let host = FakeHost::request("POST", "/v1/jwt", &[("idempotency-key", "k")]);
     let mut x = exchange();
@@ -324,17 +487,25 @@ fn missing_scope_is_401_never_a_shared_scope() {
     assert_eq!(host.last_reply().0, 401);
 
     let mut host = FakeHost::request("POST", "/v1/jwt", &[("idempotency-key", "k")]);
-    host.properties.insert(vec!["metadata".into(), "sub".into()], b"user-7".to_vec());
+    host.properties
+        .insert(vec!["metadata".into(), "sub".into()], b"user-7".to_vec());
     let mut x = exchange();
     assert_eq!(x.on_request_headers(&host, true), Flow::Pause);
     let (_, claim) = host.last_call::<ClaimRequest>();
-    assert_eq!(claim.record.scope, scope_hash("property:metadata/sub", b"user-7"));
+    assert_eq!(
+        claim.record.scope,
+        scope_hash("property:metadata/sub", b"user-7")
+    );
 }
 
 #[test]
 fn scopes_differ_per_tenant_and_global_is_explicit() {
     let scope_of = |auth: &str| {
-        let host = FakeHost::request("POST", "/v1/payments", &[("authorization", auth), ("idempotency-key", "k")]);
+        let host = FakeHost::request(
+            "POST",
+            "/v1/payments",
+            &[("authorization", auth), ("idempotency-key", "k")],
+        );
         let mut x = exchange();
         x.on_request_headers(&host, true);
         host.last_call::<ClaimRequest>().1.record.scope
@@ -344,7 +515,10 @@ fn scopes_differ_per_tenant_and_global_is_explicit() {
     let host = FakeHost::request("POST", "/v1/global", &[("idempotency-key", "k")]);
     let mut x = exchange();
     x.on_request_headers(&host, true);
-    assert_eq!(host.last_call::<ClaimRequest>().1.record.scope, GLOBAL_SCOPE);
+    assert_eq!(
+        host.last_call::<ClaimRequest>().1.record.scope,
+        GLOBAL_SCOPE
+    );
 }
 
 #[test]
@@ -358,33 +532,52 @@ fn unprotected_requests_pass_through_untouched() {
     ] {
         let host = FakeHost::request(method, path, &headers);
         let mut x = exchange();
-        assert_eq!(x.on_request_headers(&host, false), Flow::Continue, "{method} {path}");
+        assert_eq!(
+            x.on_request_headers(&host, false),
+            Flow::Continue,
+            "{method} {path}"
+        );
         assert_eq!(x.on_request_body(&host, 10, true), Flow::Continue);
         *host.response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
         assert_eq!(x.on_response_headers(&host, true), Flow::Continue);
-        assert!(host.effects().is_empty(), "{method} {path}: {:?}", host.effects());
+        assert!(
+            host.effects().is_empty(),
+            "{method} {path}: {:?}",
+            host.effects()
+        );
     }
 }
 
 #[test]
 fn canonical_json_fingerprint_ignores_order_and_excluded_fields() {
     let fp = |body: &[u8]| {
-        let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(body);
+        let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
+            .with_body(body);
         let mut x = exchange();
         claim_payment(&mut x, &host).1.fingerprint
     };
     let a = fp(br#"{"amount":10,"currency":"eur","sent_at":1}"#);
-    assert_eq!(a, fp(b"{ \"currency\": \"eur\", \"sent_at\": 2, \"amount\": 10 }"));
+    assert_eq!(
+        a,
+        fp(b"{ \"currency\": \"eur\", \"sent_at\": 2, \"amount\": 10 }")
+    );
     assert_ne!(a, fp(br#"{"amount":11,"currency":"eur"}"#));
 }
 
 #[test]
 fn request_over_the_cap_is_413_before_any_claim() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k"), ("content-length", "65")]);
+    let host = FakeHost::request(
+        "POST",
+        "/v1/payments",
+        &[AUTH, ("idempotency-key", "k"), ("content-length", "65")],
+    );
     let mut x = exchange();
     assert_eq!(x.on_request_headers(&host, false), Flow::Pause);
     let (status, _, body) = host.last_reply();
-    assert_eq!((status, body["type"].as_str()), (413, Some("urn:idemgate:problem:request-too-large")));
+    assert_eq!(
+        (status, body["type"].as_str()),
+        (413, Some("urn:idemgate:problem:request-too-large"))
+    );
 
     // Chunked: no content-length, the buffered size crosses the cap.
     let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]);
@@ -401,15 +594,30 @@ fn request_over_the_cap_is_413_before_any_claim() {
 
 #[test]
 fn response_over_the_cap_completes_as_not_replayable() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
+        .with_body(b"{}");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "ft".into() }));
+    x.on_store_reply(
+        &host,
+        token,
+        ok(&ClaimOutcome::Acquired {
+            fencing_token: "ft".into(),
+        }),
+    );
     *host.response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
     x.on_response_headers(&host, false);
     *host.response_chunk.borrow_mut() = vec![b'x'; 20];
-    assert_eq!(x.on_response_body(&host, 20, false), Flow::Pause, "under the cap: buffered");
-    assert_eq!(x.on_response_body(&host, 40, false), Flow::Continue, "over the cap: released to the client");
+    assert_eq!(
+        x.on_response_body(&host, 20, false),
+        Flow::Pause,
+        "under the cap: buffered"
+    );
+    assert_eq!(
+        x.on_response_body(&host, 40, false),
+        Flow::Continue,
+        "over the cap: released to the client"
+    );
     assert_eq!(x.on_response_body(&host, 10, false), Flow::Continue);
     assert_eq!(x.on_response_body(&host, 0, true), Flow::Pause);
     let (_, complete) = host.last_call::<CompleteRequest>();
@@ -420,20 +628,40 @@ fn response_over_the_cap_completes_as_not_replayable() {
     // A declared content-length over the cap is known at the headers.
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "ft".into() }));
-    *host.response_headers.borrow_mut() = vec![(":status".into(), "200".into()), ("content-length".into(), "33".into())];
+    x.on_store_reply(
+        &host,
+        token,
+        ok(&ClaimOutcome::Acquired {
+            fencing_token: "ft".into(),
+        }),
+    );
+    *host.response_headers.borrow_mut() = vec![
+        (":status".into(), "200".into()),
+        ("content-length".into(), "33".into()),
+    ];
     x.on_response_headers(&host, false);
     assert_eq!(x.on_response_body(&host, 5, false), Flow::Continue);
 }
 
 #[test]
 fn unstored_status_releases_the_key() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
+        .with_body(b"{}");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "ft".into() }));
+    x.on_store_reply(
+        &host,
+        token,
+        ok(&ClaimOutcome::Acquired {
+            fencing_token: "ft".into(),
+        }),
+    );
     *host.response_headers.borrow_mut() = vec![(":status".into(), "503".into())];
-    assert_eq!(x.on_response_headers(&host, true), Flow::Pause, "no body: finish at headers");
+    assert_eq!(
+        x.on_response_headers(&host, true),
+        Flow::Pause,
+        "no body: finish at headers"
+    );
     let (token, release) = host.last_call::<ReleaseRequest>();
     assert_eq!(release.fencing_token, "ft");
     assert_eq!(release.status, Some(503));
@@ -444,10 +672,17 @@ fn unstored_status_releases_the_key() {
 
 #[test]
 fn lock_lost_on_complete_is_counted_and_the_response_still_flows() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
+        .with_body(b"{}");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "old".into() }));
+    x.on_store_reply(
+        &host,
+        token,
+        ok(&ClaimOutcome::Acquired {
+            fencing_token: "old".into(),
+        }),
+    );
     *host.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
     x.on_response_headers(&host, true);
     let (token, _) = host.last_call::<CompleteRequest>();
@@ -459,19 +694,36 @@ fn lock_lost_on_complete_is_counted_and_the_response_still_flows() {
 #[test]
 fn store_failures_follow_the_failure_mode() {
     // Closed (payments): a timed-out claim (zero headers) gives 503 with Retry-After.
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
+        .with_body(b"{}");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(&host, token, StoreReply { status: None, body: vec![] });
+    x.on_store_reply(
+        &host,
+        token,
+        StoreReply {
+            status: None,
+            body: vec![],
+        },
+    );
     let (status, headers, body) = host.last_reply();
-    assert_eq!((status, body["type"].as_str()), (503, Some("urn:idemgate:problem:store-unavailable")));
+    assert_eq!(
+        (status, body["type"].as_str()),
+        (503, Some("urn:idemgate:problem:store-unavailable"))
+    );
     assert!(headers.contains(&("retry-after".to_owned(), "1".to_owned())));
     assert!(!host.effects().contains(&Effect::ResumeRequest));
 
     // A 503 problem from the server and garbage with 200 are store errors too.
     for reply in [
-        StoreReply { status: Some(503), body: br#"{"type":"x","title":"t","status":503}"#.to_vec() },
-        StoreReply { status: Some(200), body: b"<html>".to_vec() },
+        StoreReply {
+            status: Some(503),
+            body: br#"{"type":"x","title":"t","status":503}"#.to_vec(),
+        },
+        StoreReply {
+            status: Some(200),
+            body: b"<html>".to_vec(),
+        },
     ] {
         let mut x = exchange();
         let (token, _) = claim_payment(&mut x, &host);
@@ -479,19 +731,39 @@ fn store_failures_follow_the_failure_mode() {
         assert_eq!(host.last_reply().0, 503);
     }
     assert_eq!(host.count_of(Metric::StoreErrors), 3);
-    assert_eq!(host.reports().iter().filter(|r| r.kind == ReportKind::StoreError).count(), 3);
+    assert_eq!(
+        host.reports()
+            .iter()
+            .filter(|r| r.kind == ReportKind::StoreError)
+            .count(),
+        3
+    );
 
     // Open (orders): forwarded unprotected and counted.
     let host = FakeHost::request("POST", "/v1/orders", &[AUTH, ("idempotency-key", "k")]);
     let mut x = exchange();
     assert_eq!(x.on_request_headers(&host, true), Flow::Pause);
     let (token, _) = host.last_call::<ClaimRequest>();
-    x.on_store_reply(&host, token, StoreReply { status: None, body: vec![] });
+    x.on_store_reply(
+        &host,
+        token,
+        StoreReply {
+            status: None,
+            body: vec![],
+        },
+    );
     assert_eq!(host.effects().last(), Some(&Effect::ResumeRequest));
     assert_eq!(host.count_of(Metric::FailOpenPasses), 1);
-    assert_eq!(host.reports().last().map(|r| r.kind), Some(ReportKind::FailOpen));
+    assert_eq!(
+        host.reports().last().map(|r| r.kind),
+        Some(ReportKind::FailOpen)
+    );
     *host.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
-    assert_eq!(x.on_response_headers(&host, true), Flow::Continue, "no complete after fail-open");
+    assert_eq!(
+        x.on_response_headers(&host, true),
+        Flow::Continue,
+        "no complete after fail-open"
+    );
 
     // A refused dispatch (unknown cluster) fails closed at once.
     let mut host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]);
@@ -503,18 +775,32 @@ fn store_failures_follow_the_failure_mode() {
 
 #[test]
 fn stale_or_foreign_tokens_are_ignored() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
+        .with_body(b"{}");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(&host, token + 100, ok(&ClaimOutcome::Acquired { fencing_token: "x".into() }));
+    x.on_store_reply(
+        &host,
+        token + 100,
+        ok(&ClaimOutcome::Acquired {
+            fencing_token: "x".into(),
+        }),
+    );
     assert!(!host.effects().contains(&Effect::ResumeRequest));
-    x.on_store_reply(&host, token, ok(&ClaimOutcome::Acquired { fencing_token: "x".into() }));
+    x.on_store_reply(
+        &host,
+        token,
+        ok(&ClaimOutcome::Acquired {
+            fencing_token: "x".into(),
+        }),
+    );
     assert_eq!(host.effects().last(), Some(&Effect::ResumeRequest));
 }
 
 #[test]
 fn request_trailers_end_the_body() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")]).with_body(b"{}");
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
+        .with_body(b"{}");
     let mut x = exchange();
     assert_eq!(x.on_request_headers(&host, false), Flow::Pause);
     assert_eq!(x.on_request_body(&host, 2, false), Flow::Pause);
@@ -532,8 +818,13 @@ fn unconfigured_filter_passes_everything() {
 
 #[test]
 fn reports_can_be_turned_off() {
-    let config = CONFIG.replace(r#""store": {"cluster": "idemgate_store"}"#, r#""store": {"cluster": "idemgate_store", "report_events": false}"#);
-    let mut x = Exchange::new(Some(Rc::new(Config::from_json(config.as_bytes()).expect("config"))));
+    let config = CONFIG.replace(
+        r#""store": {"cluster": "idemgate_store"}"#,
+        r#""store": {"cluster": "idemgate_store", "report_events": false}"#,
+    );
+    let mut x = Exchange::new(Some(Rc::new(
+        Config::from_json(config.as_bytes()).expect("config"),
+    )));
     let host = FakeHost::request("POST", "/v1/payments", &[AUTH]);
     x.on_request_headers(&host, true);
     assert_eq!(host.last_reply().0, 400);

@@ -35,7 +35,10 @@ struct Metrics {
 impl Metrics {
     fn define(&self) {
         for (i, m) in Metric::ALL.iter().enumerate() {
-            if let (Some(cell), Ok(id)) = (self.ids.get(i), hostcalls::define_metric(MetricType::Counter, m.name())) {
+            if let (Some(cell), Ok(id)) = (
+                self.ids.get(i),
+                hostcalls::define_metric(MetricType::Counter, m.name()),
+            ) {
                 cell.set(id);
             }
         }
@@ -63,7 +66,10 @@ impl Context for IdemRoot {}
 
 impl RootContext for IdemRoot {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
-        log(Level::Info, &format!("idemgate filter {} starting", crate::VERSION));
+        log(
+            Level::Info,
+            &format!("idemgate filter {} starting", crate::VERSION),
+        );
         true
     }
 
@@ -72,7 +78,10 @@ impl RootContext for IdemRoot {
             Ok(Some(b)) => b,
             Ok(None) => Vec::new(),
             Err(status) => {
-                log(Level::Error, &format!("idemgate: cannot read the plugin configuration: {status:?}"));
+                log(
+                    Level::Error,
+                    &format!("idemgate: cannot read the plugin configuration: {status:?}"),
+                );
                 return false;
             }
         };
@@ -145,10 +154,19 @@ fn action(flow: Flow) -> Action {
 }
 
 impl Context for IdemHttp {
-    fn on_http_call_response(&mut self, token_id: u32, num_headers: usize, body_size: usize, _num_trailers: usize) {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
         log(Level::Debug, &format!("idemgate: store call {token_id} answered: {num_headers} header(s), {body_size} body bytes"));
         let reply = if num_headers == 0 {
-            StoreReply { status: None, body: Vec::new() }
+            StoreReply {
+                status: None,
+                body: Vec::new(),
+            }
         } else {
             let status = read_map(MapType::HttpCallResponseHeaders)
                 .into_iter()
@@ -165,7 +183,10 @@ impl Context for IdemHttp {
     }
 
     fn on_done(&mut self) -> bool {
-        log(Level::Debug, &format!("idemgate: stream {} done", self.env.context_id));
+        log(
+            Level::Debug,
+            &format!("idemgate: stream {} done", self.env.context_id),
+        );
         if self.exchange.holds_lock() {
             log(Level::Info, "idemgate: stream ended before the response completed; the key stays locked until its lock TTL so a retry cannot run while the upstream may still execute");
         }
@@ -181,7 +202,10 @@ impl HttpContext for IdemHttp {
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let host = self.env.host();
-        action(self.exchange.on_request_body(&host, body_size, end_of_stream))
+        action(
+            self.exchange
+                .on_request_body(&host, body_size, end_of_stream),
+        )
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
@@ -196,8 +220,13 @@ impl HttpContext for IdemHttp {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let host = self.env.host();
-        let flow = self.exchange.on_response_body(&host, body_size, end_of_stream);
-        log(Level::Debug, &format!("idemgate: response body {body_size} bytes, end {end_of_stream}: {flow:?}"));
+        let flow = self
+            .exchange
+            .on_response_body(&host, body_size, end_of_stream);
+        log(
+            Level::Debug,
+            &format!("idemgate: response body {body_size} bytes, end {end_of_stream}: {flow:?}"),
+        );
         action(flow)
     }
 
@@ -231,10 +260,19 @@ fn read_map(map: MapType) -> Vec<(String, String)> {
     match hostcalls::get_map_bytes(map) {
         Ok(pairs) => pairs
             .into_iter()
-            .map(|(n, v)| (n, String::from_utf8(v).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())))
+            .map(|(n, v)| {
+                (
+                    n,
+                    String::from_utf8(v)
+                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+                )
+            })
             .collect(),
         Err(status) => {
-            log(Level::Warn, &format!("idemgate: cannot read header map {map:?}: {status:?}"));
+            log(
+                Level::Warn,
+                &format!("idemgate: cannot read header map {map:?}: {status:?}"),
+            );
             Vec::new()
         }
     }
@@ -244,7 +282,10 @@ fn read_buffer(buffer: BufferType, max_bytes: usize) -> Vec<u8> {
     match hostcalls::get_buffer(buffer, 0, max_bytes) {
         Ok(b) => b.unwrap_or_default(),
         Err(status) => {
-            log(Level::Warn, &format!("idemgate: cannot read buffer {buffer:?}: {status:?}"));
+            log(
+                Level::Warn,
+                &format!("idemgate: cannot read buffer {buffer:?}: {status:?}"),
+            );
             Vec::new()
         }
     }
@@ -264,9 +305,15 @@ impl Host for GlueHost<'_> {
     }
 
     fn set_response_headers(&self, headers: &[(String, String)]) {
-        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
         if let Err(status) = hostcalls::set_map(MapType::HttpResponseHeaders, pairs) {
-            log(Level::Warn, &format!("idemgate: cannot set replay headers: {status:?}"));
+            log(
+                Level::Warn,
+                &format!("idemgate: cannot set replay headers: {status:?}"),
+            );
         }
     }
 
@@ -275,7 +322,9 @@ impl Host for GlueHost<'_> {
     }
 
     fn property(&self, path: &[String]) -> Option<Vec<u8>> {
-        hostcalls::get_property(path.iter().map(String::as_str).collect()).ok().flatten()
+        hostcalls::get_property(path.iter().map(String::as_str).collect())
+            .ok()
+            .flatten()
     }
 
     fn dispatch(&self, call: StoreCall) -> Result<u32, String> {
@@ -302,23 +351,37 @@ impl Host for GlueHost<'_> {
         if detached {
             let _ = hostcalls::set_effective_context(self.context_id);
         }
-        result.map_err(|status| format!("{status:?} (is the Envoy cluster {:?} defined?)", store.cluster))
+        result.map_err(|status| {
+            format!(
+                "{status:?} (is the Envoy cluster {:?} defined?)",
+                store.cluster
+            )
+        })
     }
 
     fn resume_request(&self) {
         if let Err(status) = hostcalls::resume_http_request() {
-            log(Level::Debug, &format!("idemgate: resume request: {status:?}"));
+            log(
+                Level::Debug,
+                &format!("idemgate: resume request: {status:?}"),
+            );
         }
     }
 
     fn resume_response(&self) {
         if let Err(status) = hostcalls::resume_http_response() {
-            log(Level::Debug, &format!("idemgate: resume response: {status:?}"));
+            log(
+                Level::Debug,
+                &format!("idemgate: resume response: {status:?}"),
+            );
         }
     }
 
     fn local_reply(&self, status: u16, headers: &[(String, String)], body: &[u8]) {
-        let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
         if let Err(s) = hostcalls::send_http_response(u32::from(status), pairs, Some(body)) {
             log(Level::Warn, &format!("idemgate: local reply failed: {s:?}"));
         }

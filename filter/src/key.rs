@@ -85,7 +85,10 @@ mod tests {
     fn accepts_sf_strings_and_bare_tokens() {
         assert_eq!(parse_key("\"abc\"").unwrap(), "abc");
         assert_eq!(parse_key("  \"a b\\\"c\\\\\"  ").unwrap(), "a b\"c\\");
-        assert_eq!(parse_key("550e8400-e29b-41d4-a716-446655440000").unwrap(), "550e8400-e29b-41d4-a716-446655440000");
+        assert_eq!(
+            parse_key("550e8400-e29b-41d4-a716-446655440000").unwrap(),
+            "550e8400-e29b-41d4-a716-446655440000"
+        );
         assert_eq!(parse_key("tok:en/1").unwrap(), "tok:en/1");
         assert_eq!(parse_key(&"x".repeat(255)).unwrap().len(), 255);
     }
@@ -93,8 +96,19 @@ mod tests {
     #[test]
     fn rejects_malformed_keys() {
         for bad in [
-            "", "\"\"", "\"abc", "\"a\\nb\"", "\"a\";p=1", "\"a\", \"b\"", "a, b", "a b", "a;b",
-            "\"a\u{1}b\"", "a\u{7f}", "é", "\"é\"",
+            "",
+            "\"\"",
+            "\"abc",
+            "\"a\\nb\"",
+            "\"a\";p=1",
+            "\"a\", \"b\"",
+            "a, b",
+            "a b",
+            "a;b",
+            "\"a\u{1}b\"",
+            "a\u{7f}",
+            "é",
+            "\"é\"",
         ] {
             assert!(parse_key(bad).is_err(), "{bad:?} should be rejected");
         }

@@ -366,7 +366,11 @@ mod tests {
 
     #[test]
     fn replay_rate_is_replays_over_replays_plus_executions() {
-        let c = Counters { replays: 3, executions: 1, ..Counters::default() };
+        let c = Counters {
+            replays: 3,
+            executions: 1,
+            ..Counters::default()
+        };
         assert_eq!(replay_rate(&c), Some(0.75));
         assert_eq!(replay_rate(&Counters::default()), None);
     }

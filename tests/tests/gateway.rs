@@ -13,16 +13,24 @@ const TENANT_A: &str = "Bearer tenant-a";
 const TENANT_B: &str = "Bearer tenant-b";
 
 fn demo_stack(name: &str) -> Stack {
-    Stack::start(StackOptions::new(name, demo_filter_config().expect("demo filter config")))
-        .expect("stack starts")
+    Stack::start(StackOptions::new(
+        name,
+        demo_filter_config().expect("demo filter config"),
+    ))
+    .expect("stack starts")
 }
 
 fn pay(stack: &Stack, auth: &str, key: Option<&str>, body: &Value) -> Reply {
-    let mut req = stack.gateway().post("/v1/payments").header("authorization", auth);
+    let mut req = stack
+        .gateway()
+        .post("/v1/payments")
+        .header("authorization", auth);
     if let Some(k) = key {
         req = req.header("idempotency-key", k);
     }
-    req.json(body).send().expect("POST /v1/payments through the gateway")
+    req.json(body)
+        .send()
+        .expect("POST /v1/payments through the gateway")
 }
 
 fn problem_type(reply: &Reply) -> String {
@@ -64,13 +72,27 @@ fn a_retry_replays_status_body_and_headers_and_executes_once() {
         assert_eq!(retry.body, first.body, "byte-identical body");
         assert_eq!(retry.header("location"), Some(location.as_str()));
         assert_eq!(retry.header("content-type"), first.header("content-type"));
-        assert_eq!(retry.header_all("content-type").len(), 1, "{:?}", retry.headers);
-        assert_eq!(retry.header("content-length"), first.header("content-length"));
+        assert_eq!(
+            retry.header_all("content-type").len(),
+            1,
+            "{:?}",
+            retry.headers
+        );
+        assert_eq!(
+            retry.header("content-length"),
+            first.header("content-length")
+        );
     }
     assert_eq!(stack.executions("/v1/payments").unwrap(), 1);
     assert_eq!(upstream_saw(&stack), vec!["POST /v1/payments"]);
-    assert_eq!(stack.envoy_stat("wasmcustom.idemgate.replayed").unwrap(), Some(3));
-    assert_eq!(stack.envoy_stat("wasmcustom.idemgate.completed").unwrap(), Some(1));
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.idemgate.replayed").unwrap(),
+        Some(3)
+    );
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.idemgate.completed").unwrap(),
+        Some(1)
+    );
 }
 
 #[test]
@@ -94,14 +116,31 @@ fn twenty_concurrent_duplicates_execute_once_without_5xx() {
             })
         })
         .collect();
-    let replies: Vec<Reply> = handles.into_iter().map(|h| h.join().expect("thread")).collect();
+    let replies: Vec<Reply> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread"))
+        .collect();
     let statuses: Vec<u16> = replies.iter().map(|r| r.status).collect();
-    assert!(statuses.iter().all(|s| *s == 201 || *s == 409), "{statuses:?}");
-    let executed: Vec<&Reply> = replies.iter().filter(|r| r.status == 201 && r.header("idempotent-replayed").is_none()).collect();
-    assert_eq!(executed.len(), 1, "exactly one execution answered: {statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 409),
+        "{statuses:?}"
+    );
+    let executed: Vec<&Reply> = replies
+        .iter()
+        .filter(|r| r.status == 201 && r.header("idempotent-replayed").is_none())
+        .collect();
+    assert_eq!(
+        executed.len(),
+        1,
+        "exactly one execution answered: {statuses:?}"
+    );
     for r in replies.iter().filter(|r| r.status == 409) {
         assert_eq!(problem_type(r), "urn:idemgate:problem:in-flight");
-        let retry_after: u64 = r.header("retry-after").expect("Retry-After").parse().expect("seconds");
+        let retry_after: u64 = r
+            .header("retry-after")
+            .expect("Retry-After")
+            .parse()
+            .expect("seconds");
         assert!((1..=60).contains(&retry_after), "{retry_after}");
     }
     for r in replies.iter().filter(|r| r.status == 201) {
@@ -111,13 +150,19 @@ fn twenty_concurrent_duplicates_execute_once_without_5xx() {
     assert_eq!(upstream_saw(&stack).len(), 1);
     // Once done, a retry replays.
     let after = pay(&stack, TENANT_A, Some("dup-1"), &json!({"amount": 5}));
-    assert_eq!((after.status, after.header("idempotent-replayed")), (201, Some("true")));
+    assert_eq!(
+        (after.status, after.header("idempotent-replayed")),
+        (201, Some("true"))
+    );
 }
 
 #[test]
 fn the_same_key_with_another_request_is_422() {
     let stack = demo_stack("mismatch");
-    assert_eq!(pay(&stack, TENANT_A, Some("k-422"), &json!({"amount": 1})).status, 201);
+    assert_eq!(
+        pay(&stack, TENANT_A, Some("k-422"), &json!({"amount": 1})).status,
+        201
+    );
     let other = pay(&stack, TENANT_A, Some("k-422"), &json!({"amount": 2}));
     assert_eq!(other.status, 422, "{}", other.text());
     assert_eq!(problem_type(&other), "urn:idemgate:problem:key-reused");
@@ -149,7 +194,10 @@ fn malformed_missing_or_duplicated_keys_are_400_and_never_reach_the_upstream() {
         (vec!["k1", "k2"], "urn:idemgate:problem:key-malformed"),
     ];
     for (keys, expected) in cases {
-        let mut req = stack.gateway().post("/v1/payments").header("authorization", TENANT_A);
+        let mut req = stack
+            .gateway()
+            .post("/v1/payments")
+            .header("authorization", TENANT_A);
         for k in &keys {
             req = req.header("idempotency-key", *k);
         }
@@ -158,10 +206,20 @@ fn malformed_missing_or_duplicated_keys_are_400_and_never_reach_the_upstream() {
         assert_eq!(problem_type(&reply), expected, "{keys:?}");
     }
     // 255 characters is the longest key accepted.
-    let ok = pay(&stack, TENANT_A, Some(&"k".repeat(255)), &json!({"amount": 1}));
+    let ok = pay(
+        &stack,
+        TENANT_A,
+        Some(&"k".repeat(255)),
+        &json!({"amount": 1}),
+    );
     assert_eq!(ok.status, 201, "{}", ok.text());
     assert_eq!(upstream_saw(&stack), vec!["POST /v1/payments"]);
-    assert_eq!(stack.envoy_stat("wasmcustom.idemgate.rejected_keys").unwrap(), Some(7));
+    assert_eq!(
+        stack
+            .envoy_stat("wasmcustom.idemgate.rejected_keys")
+            .unwrap(),
+        Some(7)
+    );
 }
 
 #[test]
@@ -171,7 +229,11 @@ fn two_scopes_with_the_same_key_stay_separate() {
     let a = pay(&stack, TENANT_A, Some("shared"), &body);
     let b = pay(&stack, TENANT_B, Some("shared"), &body);
     assert_eq!((a.status, b.status), (201, 201));
-    assert_eq!(b.header("idempotent-replayed"), None, "tenant B must not see tenant A's response");
+    assert_eq!(
+        b.header("idempotent-replayed"),
+        None,
+        "tenant B must not see tenant A's response"
+    );
     assert_ne!(a.header("location"), b.header("location"));
     let a2 = pay(&stack, TENANT_A, Some("shared"), &body);
     let b2 = pay(&stack, TENANT_B, Some("shared"), &body);
@@ -182,8 +244,15 @@ fn two_scopes_with_the_same_key_stay_separate() {
     assert_eq!(keys.len(), 2, "{keys:?}");
     for k in &keys {
         assert!(!k.contains("tenant"), "{k}");
-        let fields = stack.redis(&["HGETALL", k]).unwrap().as_text_list().join(" ");
-        assert!(!fields.contains("tenant-a") && !fields.contains("tenant-b"), "{fields}");
+        let fields = stack
+            .redis(&["HGETALL", k])
+            .unwrap()
+            .as_text_list()
+            .join(" ");
+        assert!(
+            !fields.contains("tenant-a") && !fields.contains("tenant-b"),
+            "{fields}"
+        );
     }
     // A request without the scope header cannot share anyone's scope.
     let anonymous = stack
@@ -194,7 +263,10 @@ fn two_scopes_with_the_same_key_stay_separate() {
         .send()
         .unwrap();
     assert_eq!(anonymous.status, 401, "{}", anonymous.text());
-    assert_eq!(problem_type(&anonymous), "urn:idemgate:problem:scope-missing");
+    assert_eq!(
+        problem_type(&anonymous),
+        "urn:idemgate:problem:scope-missing"
+    );
 }
 
 #[test]
@@ -202,15 +274,33 @@ fn reads_and_keyless_optional_routes_pass_through_untouched() {
     let stack = demo_stack("passthrough");
     let gw = stack.gateway();
     for method in ["GET", "HEAD", "OPTIONS"] {
-        let r = gw.request(method, "/v1/payments").header("idempotency-key", "\"bad").send().unwrap();
-        let direct = stack.upstream().request(method, "/v1/payments").send().unwrap();
-        assert_eq!(r.status, direct.status, "{method}: the upstream's own answer, {}", r.text());
+        let r = gw
+            .request(method, "/v1/payments")
+            .header("idempotency-key", "\"bad")
+            .send()
+            .unwrap();
+        let direct = stack
+            .upstream()
+            .request(method, "/v1/payments")
+            .send()
+            .unwrap();
+        assert_eq!(
+            r.status,
+            direct.status,
+            "{method}: the upstream's own answer, {}",
+            r.text()
+        );
         assert_ne!(r.header("content-type"), Some("application/problem+json"));
         assert_eq!(r.header("idempotent-replayed"), None);
     }
     // /v1/orders accepts a key optionally: without one, every POST executes.
     for _ in 0..2 {
-        let r = gw.post("/v1/orders").header("authorization", TENANT_A).json(&json!({"sku": "x"})).send().unwrap();
+        let r = gw
+            .post("/v1/orders")
+            .header("authorization", TENANT_A)
+            .json(&json!({"sku": "x"}))
+            .send()
+            .unwrap();
         assert_eq!(r.status, 201, "{}", r.text());
     }
     assert_eq!(stack.executions("/v1/orders").unwrap(), 2);
@@ -226,9 +316,15 @@ fn reads_and_keyless_optional_routes_pass_through_untouched() {
         assert_eq!(r.status, 201, "{}", r.text());
     }
     assert_eq!(stack.executions("/v1/orders").unwrap(), 3);
-    let posts = upstream_saw(&stack).into_iter().filter(|r| r.starts_with("POST")).count();
+    let posts = upstream_saw(&stack)
+        .into_iter()
+        .filter(|r| r.starts_with("POST"))
+        .count();
     assert_eq!(posts, 3);
-    assert_eq!(stack.envoy_stat("wasmcustom.idemgate.checked").unwrap(), Some(4));
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.idemgate.checked").unwrap(),
+        Some(4)
+    );
 }
 
 #[test]
@@ -248,26 +344,52 @@ fn a_5xx_releases_the_key_so_the_retry_executes_again() {
     assert_eq!(failed.header("idempotent-replayed"), None);
     let retry = pay(&stack, TENANT_A, Some("flaky"), &body);
     assert_eq!(retry.status, 201, "{}", retry.text());
-    assert_eq!(retry.header("idempotent-replayed"), None, "executed again, not replayed");
+    assert_eq!(
+        retry.header("idempotent-replayed"),
+        None,
+        "executed again, not replayed"
+    );
     let again = pay(&stack, TENANT_A, Some("flaky"), &body);
-    assert_eq!((again.status, again.header("idempotent-replayed")), (201, Some("true")));
+    assert_eq!(
+        (again.status, again.header("idempotent-replayed")),
+        (201, Some("true"))
+    );
     assert_eq!(stack.executions("/v1/payments").unwrap(), 2);
-    assert_eq!(stack.envoy_stat("wasmcustom.idemgate.released").unwrap(), Some(1));
+    assert_eq!(
+        stack.envoy_stat("wasmcustom.idemgate.released").unwrap(),
+        Some(1)
+    );
 }
 
 #[test]
 fn a_redis_outage_fails_closed_with_503_and_recovers_without_restarts() {
     let mut stack = demo_stack("outage");
     stack.stop_redis();
-    let down = pay(&stack, TENANT_A, Some("during-outage"), &json!({"amount": 1}));
+    let down = pay(
+        &stack,
+        TENANT_A,
+        Some("during-outage"),
+        &json!({"amount": 1}),
+    );
     assert_eq!(down.status, 503, "{}", down.text());
-    assert_eq!(problem_type(&down), "urn:idemgate:problem:store-unavailable");
+    assert_eq!(
+        problem_type(&down),
+        "urn:idemgate:problem:store-unavailable"
+    );
     assert_eq!(down.header("retry-after"), Some("1"));
-    assert!(upstream_saw(&stack).is_empty(), "fail-closed: nothing executed");
+    assert!(
+        upstream_saw(&stack).is_empty(),
+        "fail-closed: nothing executed"
+    );
     stack.start_redis().expect("redis restarts");
     let mut last = None;
     for _ in 0..50 {
-        let r = pay(&stack, TENANT_A, Some("after-outage"), &json!({"amount": 1}));
+        let r = pay(
+            &stack,
+            TENANT_A,
+            Some("after-outage"),
+            &json!({"amount": 1}),
+        );
         if r.status == 201 {
             last = Some(r);
             break;
