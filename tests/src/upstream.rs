@@ -12,6 +12,14 @@
 //! - [`BODY_BYTES_HEADER`] `x-demo-body-bytes: N`: pad the response body with trailing
 //!   spaces (still valid JSON) to exactly N bytes; a body already longer stays as is.
 //!   At most [`MAX_BODY_BYTES`].
+//! - [`BODY_B64_HEADER`] `x-demo-body-b64: <base64>`: answer with exactly these body bytes
+//!   (binary or gzip bodies for replay tests).
+//! - [`RESPONSE_HEADER`] `x-demo-response-header: name: value` (repeatable): answer with
+//!   these header fields, in order; a name given here replaces the upstream's own fields of
+//!   that name (e.g. `content-type`).
+//!
+//! `POST /v1/uploads` accepts any body bytes (binary, compressed, chunked), counts an
+//! execution and answers 201 with `{"id", "bytes", "sha256"}` of what it received.
 //!
 //! Introspection for tests (never recorded themselves):
 //! - `GET /__upstream/requests`: [`ReceivedRequest`] list, oldest first.
@@ -41,6 +49,10 @@ pub const DELAY_HEADER: &str = "x-demo-delay-ms";
 pub const STATUS_HEADER: &str = "x-demo-status";
 /// Request header: pad the response body to this many bytes.
 pub const BODY_BYTES_HEADER: &str = "x-demo-body-bytes";
+/// Request header: the response body, base64 (RFC 4648 standard alphabet).
+pub const BODY_B64_HEADER: &str = "x-demo-body-b64";
+/// Request header (repeatable): `name: value` of a response header field to send.
+pub const RESPONSE_HEADER: &str = "x-demo-response-header";
 /// Largest accepted [`DELAY_HEADER`] value, in milliseconds (5 minutes).
 pub const MAX_DELAY_MS: u64 = 300_000;
 /// Largest accepted [`BODY_BYTES_HEADER`] value, in bytes (64 MiB).
@@ -143,6 +155,8 @@ struct Knobs {
     delay_ms: u64,
     status: Option<StatusCode>,
     body_bytes: Option<usize>,
+    body: Option<Vec<u8>>,
+    headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
@@ -196,6 +210,26 @@ fn parse_knobs(headers: &HeaderMap) -> Result<Knobs, ApiError> {
         }
         knobs.body_bytes = Some(n);
     }
+    if let Some(v) = header_str(headers, BODY_B64_HEADER)? {
+        use base64::Engine as _;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(v)
+            .map_err(|e| bad_request(format!("{BODY_B64_HEADER} is not base64: {e}")))?;
+        knobs.body = Some(bytes);
+    }
+    for v in headers.get_all(RESPONSE_HEADER) {
+        let text = v
+            .to_str()
+            .map_err(|_| bad_request(format!("{RESPONSE_HEADER} is not visible ASCII")))?;
+        let (name, value) = text
+            .split_once(':')
+            .ok_or_else(|| bad_request(format!("{RESPONSE_HEADER} must be `name: value`")))?;
+        let name = header::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| bad_request(format!("{RESPONSE_HEADER}: bad header name {name:?}")))?;
+        let value = HeaderValue::from_str(value.trim_start())
+            .map_err(|_| bad_request(format!("{RESPONSE_HEADER}: bad header value")))?;
+        knobs.headers.push((name, value));
+    }
     Ok(knobs)
 }
 
@@ -219,24 +253,64 @@ fn parse_object(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-/// Builds the JSON response, applying the status and padding knobs.
+/// Builds the JSON response, applying the status, body and header knobs.
 fn respond(knobs: &Knobs, status: StatusCode, location: Option<&str>, body: &Value) -> Response {
-    let mut bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut bytes = match &knobs.body {
+        Some(raw) => raw.clone(),
+        None => serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec()),
+    };
     if let Some(n) = knobs.body_bytes {
         if n > bytes.len() {
             bytes.resize(n, b' ');
         }
     }
-    let mut resp = (knobs.status.unwrap_or(status), bytes).into_response();
+    let status = knobs.status.unwrap_or(status);
+    if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        bytes.clear();
+    }
+    let mut resp = (status, bytes).into_response();
     let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    if status != StatusCode::NO_CONTENT {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
     if let Some(loc) = location.and_then(|l| HeaderValue::from_str(l).ok()) {
         headers.insert(header::LOCATION, loc);
     }
+    for (name, _) in &knobs.headers {
+        headers.remove(name);
+    }
+    for (name, value) in &knobs.headers {
+        headers.append(name.clone(), value.clone());
+    }
     resp
+}
+
+/// `POST /v1/uploads`: any bytes; counts an execution and describes what arrived.
+async fn upload(
+    State(state): State<AppState>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    use sha2::Digest as _;
+    let knobs = admit(&state, &method, &uri, &headers, body.len()).await?;
+    let id = {
+        let mut store = state.lock();
+        store.next_id += 1;
+        *store.executions.entry(uri.path().to_owned()).or_insert(0) += 1;
+        format!("upl_{:06}", store.next_id)
+    };
+    let location = format!("/v1/uploads/{id}");
+    let described = json!({
+        "id": id,
+        "bytes": body.len(),
+        "sha256": hex::encode(sha2::Sha256::digest(&body)),
+    });
+    Ok(respond(&knobs, StatusCode::CREATED, Some(&location), &described))
 }
 
 /// Records the request, then applies the delay knob. Returns the parsed knobs.
@@ -422,6 +496,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(resource_routes(Resource::Payments))
         .merge(resource_routes(Resource::Orders))
+        .route("/v1/uploads", axum::routing::post(upload))
         .route("/__upstream/healthz", get(|| async { "ok" }))
         .route(
             "/__upstream/requests",
