@@ -364,9 +364,10 @@ impl Exchange {
     }
 
     /// `on_http_response_body`. The response is buffered in Envoy (`Pause`, so
-    /// `body_size` is the whole body so far) until its end or the cap, because a client
-    /// that has every byte may close the connection before the response is stored. Over
-    /// the cap the buffer is released (`Continue`) and the key will not be replayable.
+    /// `body_size` is the whole body so far) until its end, because a client that has
+    /// every byte may close the connection before the response is stored. A body over the
+    /// cap is not stored: the record is completed as not replayable at once (before the
+    /// client can have the whole body), then the body streams on unbuffered.
     pub fn on_response_body(
         &mut self,
         host: &dyn Host,
@@ -379,19 +380,15 @@ impl Exchange {
                 {
                     self.mark_over_cap(host, &mut capture);
                 }
-                if end_of_stream {
-                    if !capture.over_cap {
-                        capture.body = host.response_body(body_size);
-                    }
+                if capture.over_cap {
                     return self.finish(host, capture);
                 }
-                let flow = if capture.over_cap {
-                    Flow::Continue
-                } else {
-                    Flow::Pause
-                };
+                if end_of_stream {
+                    capture.body = host.response_body(body_size);
+                    return self.finish(host, capture);
+                }
                 self.phase = Phase::Capturing(capture);
-                flow
+                Flow::Pause
             }
             other => {
                 let hold = matches!(other, Phase::Finishing { .. });

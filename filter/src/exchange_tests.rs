@@ -615,17 +615,30 @@ fn response_over_the_cap_completes_as_not_replayable() {
     );
     assert_eq!(
         x.on_response_body(&host, 40, false),
-        Flow::Continue,
-        "over the cap: released to the client"
+        Flow::Pause,
+        "over the cap: held until the store knows"
     );
-    assert_eq!(x.on_response_body(&host, 10, false), Flow::Continue);
-    assert_eq!(x.on_response_body(&host, 0, true), Flow::Pause);
-    let (_, complete) = host.last_call::<CompleteRequest>();
+    let (token, complete) = host.last_call::<CompleteRequest>();
     assert_eq!(complete.status, 200);
     assert!(complete.response.is_none());
+    assert_eq!(
+        x.on_response_body(&host, 50, false),
+        Flow::Pause,
+        "still waiting for the store"
+    );
+    x.on_store_reply(&host, token, ok(&CompleteOutcome::Completed));
+    assert_eq!(host.effects().last(), Some(&Effect::ResumeResponse));
+    assert_eq!(
+        x.on_response_body(&host, 10, false),
+        Flow::Continue,
+        "then the body streams on"
+    );
+    assert_eq!(x.on_response_body(&host, 0, true), Flow::Continue);
     assert_eq!(host.count_of(Metric::BodyCapEvents), 1);
+    assert_eq!(host.store_calls(), 2, "one claim, one complete");
 
-    // A declared content-length over the cap is known at the headers.
+    // A declared content-length over the cap is known at the headers; the first body
+    // callback completes the record.
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
     x.on_store_reply(
@@ -639,8 +652,9 @@ fn response_over_the_cap_completes_as_not_replayable() {
         (":status".into(), "200".into()),
         ("content-length".into(), "33".into()),
     ];
-    x.on_response_headers(&host, false);
-    assert_eq!(x.on_response_body(&host, 5, false), Flow::Continue);
+    assert_eq!(x.on_response_headers(&host, false), Flow::Continue);
+    assert_eq!(x.on_response_body(&host, 5, false), Flow::Pause);
+    assert!(host.last_call::<CompleteRequest>().1.response.is_none());
 }
 
 #[test]
