@@ -476,6 +476,11 @@ impl Stack {
         )
     }
 
+    /// The OS process id of a running component.
+    pub fn pid(&self, c: Component) -> Option<u32> {
+        self.procs.get(&c).map(Proc::id)
+    }
+
     /// Stops one component (SIGTERM, then SIGKILL after 5 s). Its port stays reserved.
     pub fn stop(&mut self, c: Component) {
         if let Some(mut p) = self.procs.remove(&c) {

@@ -3,6 +3,7 @@
 //! One module per task. Paths come from `CARGO_MANIFEST_DIR`, so the tasks work from any
 //! directory of the workspace.
 
+mod bench;
 mod build;
 mod demo;
 mod setup;
@@ -33,6 +34,9 @@ enum Task {
     /// Setup, build, start the gateway stack with envoy/demo-filter.json and print URLs and
     /// curl lines to try; Ctrl-C stops everything.
     Demo(demo::Args),
+    /// Measure the filter's cost A/B in one run: the same Envoy with and without it, under
+    /// wrk, for pass-through GETs, new keys and replays; checks the targets.
+    Bench(bench::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         Task::Build(args) => build::run(&args).map(|()| ExitCode::SUCCESS),
         Task::Test(args) => test::run(&args),
         Task::Demo(args) => demo::run(&args),
+        Task::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
