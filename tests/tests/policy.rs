@@ -606,3 +606,32 @@ fn the_filter_logs_its_version_and_configuration_hash() {
         "{log}"
     );
 }
+
+#[test]
+fn default_deny_list_keeps_cookies_rate_limits_and_envoy_timing_out_of_replays() {
+    let stack = stack("deny-list");
+    let send = || {
+        stack
+            .gateway()
+            .post("/v1/payments")
+            .header("authorization", AUTH)
+            .header("idempotency-key", "deny-1")
+            .header("x-demo-response-header", "set-cookie: sid=abc; HttpOnly")
+            .header("x-demo-response-header", "x-ratelimit-remaining: 41")
+            .header("x-demo-response-header", "ratelimit-policy: 100;w=60")
+            .header("x-demo-response-header", "retry-after: 5")
+            .header("x-demo-response-header", "cache-control: no-cache, private")
+            .json(&json!({"amount": 1}))
+            .send()
+            .unwrap()
+    };
+    let first = send();
+    assert_eq!(first.status, 201);
+    assert_eq!(first.header("set-cookie"), Some("sid=abc; HttpOnly"), "the first client gets everything");
+    let retry = send();
+    assert_eq!(retry.header("idempotent-replayed"), Some("true"));
+    for h in ["set-cookie", "x-ratelimit-remaining", "ratelimit-policy", "retry-after", "x-envoy-upstream-service-time"] {
+        assert_eq!(retry.header(h), None, "{h} must not be replayed");
+    }
+    assert_eq!(retry.header("cache-control"), Some("no-cache, private"), "ordinary headers are kept whole");
+}
