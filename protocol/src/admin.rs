@@ -224,6 +224,10 @@ pub struct Event {
     pub detail: Option<String>,
     /// Who did it: the admin token's label for operator actions.
     pub actor: Option<String>,
+    /// How many records the event covers, when more than one can be (a bulk purge's
+    /// count); absent means one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// What the filter reports through [`REPORT_PATH`].
@@ -359,6 +363,7 @@ mod tests {
             status: None,
             detail: None,
             actor: None,
+            count: None,
         };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["kind"], "in_flight_conflict");

@@ -1,5 +1,10 @@
-//! The store API the filter calls: `POST /v1/claim`, `/v1/complete`, `/v1/release` and
-//! `GET /healthz`.
+//! The store API the filter calls: `POST /v1/claim`, `/v1/complete`, `/v1/release`,
+//! `POST /v1/report` and `GET /healthz`.
+//!
+//! After each store call the matching event (claimed, replayed, in_flight_conflict,
+//! mismatch, not_replayable, completed, released, lock_lost, store_error) is queued for the
+//! event stream and the stat counters ([`crate::events`]); that never delays or fails the
+//! call. Latency and outcome go to the Prometheus metrics.
 //!
 //! Bodies are JSON exactly as in [`idemgate_protocol`]. A body that does not parse (bad
 //! JSON, unknown field, wrong type) or breaks a rule below answers 400 `BadStoreCall`;
@@ -22,12 +27,16 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use idemgate_protocol::admin::{EventKind, FilterReport, ReportKind};
 use idemgate_protocol::{
-    ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, ReleaseOutcome, ReleaseRequest,
+    ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId, ReleaseOutcome,
+    ReleaseRequest,
 };
 use serde::de::DeserializeOwned;
 
 use crate::error::AppError;
+use crate::events::event;
+use crate::store::StoreError;
 use crate::AppState;
 
 /// Longest accepted `lock_ttl_ms`: one day.
@@ -117,6 +126,50 @@ fn validate_release(req: &ReleaseRequest) -> Result<(), AppError> {
     Ok(())
 }
 
+/// Records latency and outcome metrics of one store call, and on failure queues a
+/// `store_error` event for the record.
+fn observe<T>(
+    state: &AppState,
+    call: &'static str,
+    started: std::time::Instant,
+    record: &RecordId,
+    result: &Result<T, StoreError>,
+    outcome: impl FnOnce(&T) -> &'static str,
+) {
+    state
+        .metrics
+        .store_latency
+        .with_label_values(&[call])
+        .observe(started.elapsed().as_secs_f64());
+    let label = match result {
+        Ok(t) => outcome(t),
+        Err(err) => {
+            if matches!(err, StoreError::Redis(_) | StoreError::Timeout { .. }) {
+                state.metrics.redis_errors.inc();
+            }
+            let mut e = event(idemgate_protocol::admin::EventKind::StoreError);
+            e.scope = Some(record.scope.clone());
+            e.key = Some(record.key.clone());
+            e.detail = Some(format!("{call}: {err}"));
+            state.events.publish(e);
+            "error"
+        }
+    };
+    state
+        .metrics
+        .store_outcomes
+        .with_label_values(&[call, label])
+        .inc();
+}
+
+fn record_event(kind: EventKind, record: &RecordId, route: Option<String>) -> idemgate_protocol::admin::Event {
+    let mut e = event(kind);
+    e.scope = Some(record.scope.clone());
+    e.key = Some(record.key.clone());
+    e.route = route;
+    e
+}
+
 /// `POST /v1/claim`: [`ClaimRequest`] in, 200 [`ClaimOutcome`] out.
 pub async fn claim(
     State(state): State<Arc<AppState>>,
@@ -124,7 +177,26 @@ pub async fn claim(
 ) -> Result<Json<ClaimOutcome>, AppError> {
     let req: ClaimRequest = parse(body)?;
     validate_claim(&req)?;
-    let outcome = state.store.claim(&req).await?;
+    let started = std::time::Instant::now();
+    let result = state.store.claim(&req).await;
+    observe(&state, "claim", started, &req.record, &result, |o| match o {
+        ClaimOutcome::Acquired { .. } => "acquired",
+        ClaimOutcome::InFlight { .. } => "in_flight",
+        ClaimOutcome::Replay { .. } => "replay",
+        ClaimOutcome::Mismatch => "mismatch",
+        ClaimOutcome::NotReplayable { .. } => "not_replayable",
+    });
+    let outcome = result?;
+    let (kind, status) = match &outcome {
+        ClaimOutcome::Acquired { .. } => (EventKind::Claimed, None),
+        ClaimOutcome::InFlight { .. } => (EventKind::InFlightConflict, None),
+        ClaimOutcome::Replay { response } => (EventKind::Replayed, Some(response.status)),
+        ClaimOutcome::Mismatch => (EventKind::Mismatch, None),
+        ClaimOutcome::NotReplayable { status } => (EventKind::NotReplayable, Some(*status)),
+    };
+    let mut e = record_event(kind, &req.record, Some(req.route.clone()));
+    e.status = status;
+    state.events.publish(e);
     tracing::debug!(route = %req.route, ?outcome, "claim");
     Ok(Json(outcome))
 }
@@ -136,7 +208,23 @@ pub async fn complete(
 ) -> Result<Json<CompleteOutcome>, AppError> {
     let req: CompleteRequest = parse(body)?;
     let ttl_ms = validate_complete(&req)?;
-    let outcome = state.store.complete(&req, ttl_ms).await?;
+    let started = std::time::Instant::now();
+    let result = state.store.complete(&req, ttl_ms).await;
+    observe(&state, "complete", started, &req.record, &result, |(o, _)| match o {
+        CompleteOutcome::Completed => "completed",
+        CompleteOutcome::LockLost => "lock_lost",
+    });
+    let (outcome, route) = result?;
+    let kind = match outcome {
+        CompleteOutcome::Completed => EventKind::Completed,
+        CompleteOutcome::LockLost => EventKind::LockLost,
+    };
+    let mut e = record_event(kind, &req.record, route);
+    e.status = Some(req.status);
+    if req.response.is_none() && outcome == CompleteOutcome::Completed {
+        e.detail = Some("response not stored (over the body cap): not replayable".into());
+    }
+    state.events.publish(e);
     tracing::debug!(status = req.status, ?outcome, "complete");
     Ok(Json(outcome))
 }
@@ -148,9 +236,66 @@ pub async fn release(
 ) -> Result<Json<ReleaseOutcome>, AppError> {
     let req: ReleaseRequest = parse(body)?;
     validate_release(&req)?;
-    let outcome = state.store.release(&req).await?;
+    let started = std::time::Instant::now();
+    let result = state.store.release(&req).await;
+    observe(&state, "release", started, &req.record, &result, |(o, _)| match o {
+        ReleaseOutcome::Released => "released",
+        ReleaseOutcome::LockLost => "lock_lost",
+    });
+    let (outcome, route) = result?;
+    let kind = match outcome {
+        ReleaseOutcome::Released => EventKind::Released,
+        ReleaseOutcome::LockLost => EventKind::LockLost,
+    };
+    let mut e = record_event(kind, &req.record, route);
+    e.status = req.status;
+    state.events.publish(e);
     tracing::debug!(status = ?req.status, ?outcome, "release");
     Ok(Json(outcome))
+}
+
+/// Longest `detail` of a filter report kept in its event, bytes.
+pub const MAX_REPORT_DETAIL: usize = 512;
+
+/// `POST /v1/report` ([`idemgate_protocol::admin::REPORT_PATH`]): a [`FilterReport`]
+/// (unknown fields refused, 400) becomes an event and a counter; 204. Kinds: `rejected` ->
+/// `rejected`, `body_cap` -> `rejected` with `detail` starting `body_cap: `,
+/// `store_error` -> `store_error`, `fail_open` -> `fail_open`.
+pub async fn report(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<StatusCode, AppError> {
+    let r: FilterReport = parse(body)?;
+    let (kind, label) = match r.kind {
+        ReportKind::Rejected => (EventKind::Rejected, "rejected"),
+        ReportKind::BodyCap => (EventKind::Rejected, "body_cap"),
+        ReportKind::StoreError => (EventKind::StoreError, "store_error"),
+        ReportKind::FailOpen => (EventKind::FailOpen, "fail_open"),
+    };
+    state
+        .metrics
+        .filter_reports
+        .with_label_values(&[label])
+        .inc();
+    let mut detail = r.detail;
+    if detail.len() > MAX_REPORT_DETAIL {
+        let mut cut = MAX_REPORT_DETAIL;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+    }
+    let mut e = event(kind);
+    e.route = Some(r.route);
+    e.scope = r.scope;
+    e.key = r.key;
+    e.detail = Some(if r.kind == ReportKind::BodyCap {
+        format!("body_cap: {detail}")
+    } else {
+        detail
+    });
+    state.events.publish(e);
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /healthz`: 200 `{"redis":"up"}` when a Redis `PING` answers within the timeout,

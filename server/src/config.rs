@@ -38,7 +38,9 @@ pub enum ConfigCommand {
 /// Flags of `serve`; each also reads an environment variable.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Redis URL (redis://[user:password@]host:port[/db] or redis+unix:///path).
+    /// Redis URL: redis://[user:password@]host:port[/db], rediss://... (TLS) or
+    /// redis+unix:///path. With --redis-cluster: comma-separated seed node URLs of a Redis
+    /// Cluster (redis:// or rediss://).
     #[arg(
         long,
         env = "IDEMGATE_REDIS_URL",
@@ -63,6 +65,34 @@ pub struct ServeArgs {
     /// `{prefix}:rec:{scope}:{key}`.
     #[arg(long, env = "IDEMGATE_KEY_PREFIX", default_value = "idemgate")]
     pub key_prefix: String,
+
+    /// Treat --redis-url as the seed nodes of a Redis Cluster.
+    #[arg(long, env = "IDEMGATE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
+    /// File of admin API tokens: one `label token` per line, `#` comments. The label names
+    /// the operator in events. (One token can also come from IDEMGATE_ADMIN_TOKEN, label
+    /// `admin`; tokens are never taken from a command-line value.)
+    #[arg(long, env = "IDEMGATE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<std::path::PathBuf>,
+
+    /// Directory of the built dashboard, served at / on the admin listener (index.html for
+    /// client-side routes); without it a placeholder page.
+    #[arg(long, env = "IDEMGATE_DASHBOARD_DIR")]
+    pub dashboard_dir: Option<std::path::PathBuf>,
+
+    /// The admin token from IDEMGATE_ADMIN_TOKEN (read by `main`, never a flag).
+    #[arg(skip)]
+    pub admin_token: Option<String>,
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone)]
+pub enum RedisSpec {
+    /// One server (plain or TLS).
+    Single(Box<redis::Client>),
+    /// Seed node URLs of a Redis Cluster.
+    Cluster(Vec<String>),
 }
 
 /// Largest accepted `--redis-timeout-ms`.
@@ -71,8 +101,8 @@ pub const MAX_REDIS_TIMEOUT_MS: u64 = 60_000;
 /// A `serve` configuration that passed validation.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Parsed Redis client (does not connect).
-    pub redis: redis::Client,
+    /// How to reach Redis (nothing is connected yet).
+    pub redis: RedisSpec,
     /// The Redis URL with any password replaced by `***`, for logs.
     pub redis_url_redacted: String,
     /// Store API listen address.
@@ -83,6 +113,10 @@ pub struct Config {
     pub redis_timeout: Duration,
     /// Redis key prefix.
     pub key_prefix: String,
+    /// Admin API tokens (may be empty on a loopback admin listener).
+    pub tokens: crate::auth::AdminTokens,
+    /// Directory of the built dashboard.
+    pub dashboard_dir: Option<std::path::PathBuf>,
 }
 
 /// Why a configuration was refused at start.
@@ -107,6 +141,15 @@ pub enum ConfigError {
     /// Both listeners on one address.
     #[error("--store-listen and --admin-listen are both {0}; they must differ")]
     SameListen(SocketAddr),
+    /// The token file cannot be read or parsed, or a token breaks a rule.
+    #[error("admin tokens (--admin-token-file / IDEMGATE_ADMIN_TOKEN): {0}")]
+    Tokens(String),
+    /// No token and a non-loopback admin listener.
+    #[error("--admin-listen {0} is not a loopback address and no admin token is configured; set IDEMGATE_ADMIN_TOKEN or --admin-token-file (or listen on 127.0.0.1)")]
+    TokenRequired(SocketAddr),
+    /// `--dashboard-dir` is not a directory with an index.html.
+    #[error("--dashboard-dir / IDEMGATE_DASHBOARD_DIR {0:?} is not a directory holding index.html")]
+    DashboardDir(std::path::PathBuf),
 }
 
 impl ServeArgs {
@@ -116,12 +159,37 @@ impl ServeArgs {
     /// A [`ConfigError`] naming the flag, its environment variable and the rule.
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let redacted = redact_url(&self.redis_url);
-        let redis = redis::Client::open(self.redis_url.as_str()).map_err(|source| {
-            ConfigError::RedisUrl {
-                url: redacted.clone(),
-                source,
+        let redis = if self.redis_cluster {
+            let seeds: Vec<String> = self
+                .redis_url
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect();
+            for seed in &seeds {
+                redis::Client::open(seed.as_str()).map_err(|source| ConfigError::RedisUrl {
+                    url: redact_url(seed),
+                    source,
+                })?;
             }
-        })?;
+            if seeds.is_empty() {
+                return Err(ConfigError::RedisUrl {
+                    url: redacted,
+                    source: redis::RedisError::from((
+                        redis::ErrorKind::Client,
+                        "no seed node URL",
+                    )),
+                });
+            }
+            RedisSpec::Cluster(seeds)
+        } else {
+            RedisSpec::Single(Box::new(redis::Client::open(self.redis_url.as_str()).map_err(
+                |source| ConfigError::RedisUrl {
+                    url: redacted.clone(),
+                    source,
+                },
+            )?))
+        };
         if !(1..=MAX_REDIS_TIMEOUT_MS).contains(&self.redis_timeout_ms) {
             return Err(ConfigError::RedisTimeout(self.redis_timeout_ms));
         }
@@ -136,6 +204,27 @@ impl ServeArgs {
         if self.store_listen == self.admin_listen {
             return Err(ConfigError::SameListen(self.store_listen));
         }
+        let mut entries = Vec::new();
+        if let Some(token) = self.admin_token.as_deref().filter(|t| !t.is_empty()) {
+            entries.push(("admin".to_owned(), token.to_owned()));
+        }
+        if let Some(file) = &self.admin_token_file {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                ConfigError::Tokens(format!("cannot read {}: {e}", file.display()))
+            })?;
+            let parsed = crate::auth::AdminTokens::parse_file(&text)
+                .map_err(|e| ConfigError::Tokens(format!("{}: {e}", file.display())))?;
+            entries.extend(parsed);
+        }
+        let tokens = crate::auth::AdminTokens::new(entries).map_err(ConfigError::Tokens)?;
+        if tokens.is_empty() && !self.admin_listen.ip().is_loopback() {
+            return Err(ConfigError::TokenRequired(self.admin_listen));
+        }
+        if let Some(dir) = &self.dashboard_dir {
+            if !dir.join("index.html").is_file() {
+                return Err(ConfigError::DashboardDir(dir.clone()));
+            }
+        }
         Ok(Config {
             redis,
             redis_url_redacted: redacted,
@@ -143,6 +232,8 @@ impl ServeArgs {
             admin_listen: self.admin_listen,
             redis_timeout: Duration::from_millis(self.redis_timeout_ms),
             key_prefix: self.key_prefix.clone(),
+            tokens,
+            dashboard_dir: self.dashboard_dir.clone(),
         })
     }
 }
@@ -157,6 +248,42 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// `idemgate-server config check FILE`: the filter's own validation
+/// ([`idemgate_filter::config::Config::from_json`]) run before deployment.
+///
+/// Returns the report to print on success.
+///
+/// # Errors
+/// The file cannot be read, or the configuration is invalid (the message names the
+/// field and the reason, the same line Envoy would log when the plugin fails to load).
+pub fn check_filter_config(file: &std::path::Path) -> Result<String, String> {
+    use std::fmt::Write as _;
+    let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+    let config = idemgate_filter::config::Config::from_json(&bytes).map_err(|e| e.to_string())?;
+    let mut out = format!(
+        "ok: {} is a valid idemgate filter configuration (hash {}, store cluster {:?}, timeout {} ms)\n",
+        file.display(),
+        config.hash,
+        config.store.cluster,
+        config.store.timeout_ms
+    );
+    for r in &config.routes {
+        let _ = writeln!(
+            out,
+            "  route {:<16} {:<28} methods {:<12} key {:<8} ttl_s {:<6} lock_ttl_ms {:<6} failure {:?}, scope {}",
+            r.name,
+            format!("{:?}", r.matcher),
+            r.methods.join(","),
+            format!("{:?}", r.key).to_lowercase(),
+            r.ttl_s,
+            r.lock_ttl_ms,
+            r.failure_mode,
+            r.scope.label()
+        );
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,6 +295,10 @@ mod tests {
             admin_listen: "127.0.0.1:8181".parse().unwrap(),
             redis_timeout_ms: 500,
             key_prefix: "idemgate".into(),
+            redis_cluster: false,
+            admin_token_file: None,
+            dashboard_dir: None,
+            admin_token: None,
         }
     }
 
@@ -230,40 +361,4 @@ mod tests {
         );
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
     }
-}
-
-/// `idemgate-server config check FILE`: the filter's own validation
-/// ([`idemgate_filter::config::Config::from_json`]) run before deployment.
-///
-/// Returns the report to print on success.
-///
-/// # Errors
-/// The file cannot be read, or the configuration is invalid (the message names the
-/// field and the reason, the same line Envoy would log when the plugin fails to load).
-pub fn check_filter_config(file: &std::path::Path) -> Result<String, String> {
-    use std::fmt::Write as _;
-    let bytes = std::fs::read(file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
-    let config = idemgate_filter::config::Config::from_json(&bytes).map_err(|e| e.to_string())?;
-    let mut out = format!(
-        "ok: {} is a valid idemgate filter configuration (hash {}, store cluster {:?}, timeout {} ms)\n",
-        file.display(),
-        config.hash,
-        config.store.cluster,
-        config.store.timeout_ms
-    );
-    for r in &config.routes {
-        let _ = writeln!(
-            out,
-            "  route {:<16} {:<28} methods {:<12} key {:<8} ttl_s {:<6} lock_ttl_ms {:<6} failure {:?}, scope {}",
-            r.name,
-            format!("{:?}", r.matcher),
-            r.methods.join(","),
-            format!("{:?}", r.key).to_lowercase(),
-            r.ttl_s,
-            r.lock_ttl_ms,
-            r.failure_mode,
-            r.scope.label()
-        );
-    }
-    Ok(out)
 }

@@ -15,7 +15,10 @@ pub const STORE_RETRY_AFTER_S: u64 = 1;
 /// | variant | problem type | status |
 /// |---|---|---|
 /// | [`AppError::BadStoreCall`] | `urn:idemgate:problem:bad-store-call` | 400 |
-/// | [`AppError::NotFound`] | `urn:idemgate:problem:not-found` | 404 |
+/// | [`AppError::NotFound`], [`AppError::Missing`] | `urn:idemgate:problem:not-found` | 404 |
+/// | [`AppError::BadRequest`] | `urn:idemgate:problem:bad-request` | 400 |
+/// | [`AppError::Unauthorized`] | `urn:idemgate:problem:unauthorized` | 401, `WWW-Authenticate: Bearer` |
+/// | [`AppError::ConfirmationMismatch`] | `urn:idemgate:problem:confirmation-mismatch` | 409 |
 /// | [`AppError::Store`] (Redis error or timeout) | `urn:idemgate:problem:store-unavailable` | 503, `Retry-After: 1` |
 /// | [`AppError::Store`] (undecodable data) | `urn:idemgate:problem:internal` | 500 |
 ///
@@ -28,6 +31,18 @@ pub enum AppError {
     /// No such route.
     #[error("not found: {0}")]
     NotFound(String),
+    /// No such resource (e.g. record); the text goes to `detail`.
+    #[error("missing: {0}")]
+    Missing(String),
+    /// An admin call with bad parameters; the reason goes to `detail`.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// Missing or wrong admin bearer token; the reason goes to `detail`.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// A bulk purge confirmation that is unknown, expired or for another filter.
+    #[error("confirmation mismatch: {0}")]
+    ConfirmationMismatch(String),
     /// The store could not answer.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -42,6 +57,20 @@ impl IntoResponse for AppError {
             }
             AppError::NotFound(path) => {
                 Problem::new(ProblemType::NotFound, format!("no route for {path}"))
+            }
+            AppError::Missing(detail) => Problem::new(ProblemType::NotFound, detail.clone()),
+            AppError::BadRequest(detail) => Problem::new(ProblemType::BadRequest, detail.clone()),
+            AppError::Unauthorized(detail) => {
+                let mut response =
+                    problem_response(&Problem::new(ProblemType::Unauthorized, detail.clone()));
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"idemgate-admin\""),
+                );
+                return response;
+            }
+            AppError::ConfirmationMismatch(detail) => {
+                Problem::new(ProblemType::ConfirmationMismatch, detail.clone())
             }
             AppError::Store(err @ (StoreError::Redis(_) | StoreError::Timeout { .. })) => {
                 tracing::warn!(error = %err, "store unavailable");

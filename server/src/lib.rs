@@ -2,8 +2,25 @@
 //!
 //! - [`store_app`]: `POST /v1/claim`, `POST /v1/complete`, `POST /v1/release` (JSON per
 //!   [`idemgate_protocol`]) and `GET /healthz`; see [`api`].
-//! - [`admin_app`]: `GET /` (placeholder page) and `GET /api/health`; see [`admin`].
-//! - [`store`]: the Redis layout and the three Lua scripts.
+//! - [`admin_app`]: the admin API under `/api` (bearer tokens, see [`auth`]), `/metrics`
+//!   and the dashboard; see [`admin`].
+//! - [`store`]: the Redis layout and the store's Lua scripts; [`keys`]: listing, detail and
+//!   deletion for the admin side; [`backend`]: single server or cluster.
+//! - [`events`]: the event stream and counters in Redis; [`stats`]: reading the counters;
+//!   [`expiry`]: expirations reported once; [`metrics`]: Prometheus.
+//! - [`cli`]: the operator CLI (`keys`, `purge`, `stats`) over the admin API.
+//!
+//! Redis keys (`{prefix}` = `--key-prefix`):
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `{prefix}:rec:{scope}:{key}` | hash | one idempotency record ([`store`]) |
+//! | `{{prefix}}:events` | stream | the event stream, `MAXLEN ~ 10000` ([`events`]) |
+//! | `{{prefix}}:stats:<5s\|1m\|1h>:<bucket_start_ms>` | hash | counters ([`stats`]) |
+//! | `{{prefix}}:purge:<token>` | string | a bulk purge confirmation, 5 min ([`admin`]) |
+//! | `{{prefix}}:expired:<record key>` | string | expiration dedupe marker ([`expiry`]) |
+//!
+//! The admin keys share the `{prefix}` hash tag: one cluster slot, so they pipeline.
 //!
 //! The server keeps no state of its own: several instances can share one Redis.
 
@@ -11,8 +28,17 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
+pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod error;
+pub mod events;
+pub mod expiry;
+pub mod keys;
+pub mod metrics;
+pub mod openapi;
+pub mod stats;
 pub mod store;
 
 use std::future::{Future, IntoFuture};
@@ -20,11 +46,15 @@ use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::Uri;
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::Router;
+use idemgate_protocol::admin::REPORT_PATH;
 use idemgate_protocol::{CLAIM_PATH, COMPLETE_PATH, RELEASE_PATH};
+use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
+pub use auth::AdminTokens;
+pub use backend::Backend;
 pub use config::{Cli, Command, Config, ServeArgs};
 pub use error::AppError;
 pub use store::{Store, StoreError};
@@ -34,12 +64,55 @@ pub struct AppState {
     /// The Redis store (a self-reconnecting connection; every call bounded by the
     /// configured timeout).
     pub store: Store,
+    /// Admin API tokens.
+    pub tokens: AdminTokens,
+    /// Prometheus metrics.
+    pub metrics: Arc<metrics::Metrics>,
+    /// Publishes events (never blocks).
+    pub events: events::EventBus,
+    /// Fans the event stream out to SSE clients.
+    pub hub: events::EventHub,
+    /// Cancelled on shutdown: SSE streams and background tasks end.
+    pub shutdown: CancellationToken,
+    /// Directory of the built dashboard, if any.
+    pub dashboard_dir: Option<std::path::PathBuf>,
 }
 
 impl AppState {
-    /// State over a store.
-    pub fn new(store: Store) -> Arc<Self> {
-        Arc::new(Self { store })
+    /// State over a store with these admin tokens; starts the event writer and reader
+    /// tasks (call inside a tokio runtime). They stop when the state is dropped or
+    /// [`AppState::shutdown`] is cancelled.
+    ///
+    /// # Errors
+    /// Only a metric definition Prometheus refuses (a programming error).
+    pub fn new(store: Store, tokens: AdminTokens) -> Result<Arc<Self>, prometheus::Error> {
+        let metrics = Arc::new(metrics::Metrics::new()?);
+        let shutdown = CancellationToken::new();
+        let events = events::EventBus::start(store.clone(), metrics.clone());
+        let hub = events::EventHub::start(store.clone(), metrics.clone(), shutdown.clone());
+        Ok(Arc::new(Self {
+            store,
+            tokens,
+            metrics,
+            events,
+            hub,
+            shutdown,
+            dashboard_dir: None,
+        }))
+    }
+
+    /// Serves the built dashboard from `dir` (builder style, before sharing the state).
+    pub fn with_dashboard_dir(mut self: Arc<Self>, dir: Option<std::path::PathBuf>) -> Arc<Self> {
+        if let Some(state) = Arc::get_mut(&mut self) {
+            state.dashboard_dir = dir;
+        }
+        self
+    }
+}
+
+impl Drop for AppState {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 
@@ -67,6 +140,7 @@ pub fn store_app(state: Arc<AppState>) -> Router {
         .route(CLAIM_PATH, post(api::claim))
         .route(COMPLETE_PATH, post(api::complete))
         .route(RELEASE_PATH, post(api::release))
+        .route(REPORT_PATH, post(api::report))
         .route("/healthz", get(api::healthz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(api::MAX_BODY_BYTES))
@@ -74,14 +148,38 @@ pub fn store_app(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// The admin router (see [`admin`]).
+/// The admin router (see [`admin`]): `/api/*` behind [`auth::require_token`] except
+/// `/api/health`; `/metrics`; the dashboard (or the placeholder) at `/`.
 pub fn admin_app(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/", get(admin::index))
+    let api = Router::new()
+        .route("/api/keys", get(admin::keys_list))
+        .route(
+            "/api/keys/{scope}/{key}",
+            get(admin::key_show).delete(admin::key_purge),
+        )
+        .route("/api/keys/{scope}/{key}/release", post(admin::key_release))
+        .route("/api/purge", post(admin::bulk_purge))
+        .route("/api/stats", get(admin::stats))
+        .route("/api/events", get(admin::events))
+        .route("/api/events/recent", get(admin::events_recent))
+        .route("/api/openapi.json", get(admin::openapi))
+        .route("/api/{*rest}", any(not_found))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ));
+    let router = Router::new()
         .route("/api/health", get(admin::health))
-        .fallback(not_found)
-        .layer(trace_layer())
-        .with_state(state)
+        .route("/metrics", get(admin::metrics))
+        .merge(api);
+    let router = match &state.dashboard_dir {
+        Some(dir) => router.fallback_service(
+            tower_http::services::ServeDir::new(dir)
+                .fallback(tower_http::services::ServeFile::new(dir.join("index.html"))),
+        ),
+        None => router.route("/", get(admin::index)).fallback(not_found),
+    };
+    router.layer(trace_layer()).with_state(state)
 }
 
 /// Why `serve` stopped with an error.
@@ -100,6 +198,9 @@ pub enum ServeError {
     /// The store could not be set up.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The metrics registry refused a definition (a programming error).
+    #[error("metrics: {0}")]
+    Metrics(String),
     /// A listener failed while serving.
     #[error("{what} listener failed: {source}")]
     Serve {
@@ -121,12 +222,27 @@ pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let store = Store::new(
-        config.redis,
-        config.key_prefix.clone(),
-        config.redis_timeout,
-    )?;
-    let state = AppState::new(store);
+    let backend = match config.redis {
+        config::RedisSpec::Single(client) => Backend::single(*client, config.redis_timeout),
+        config::RedisSpec::Cluster(seeds) => Backend::cluster(&seeds, config.redis_timeout),
+    }
+    .map_err(StoreError::from)?;
+    let store = Store::with_backend(backend, config.key_prefix.clone(), config.redis_timeout);
+    let state = AppState::new(store.clone(), config.tokens.clone())
+        .map_err(|e| ServeError::Metrics(e.to_string()))?
+        .with_dashboard_dir(config.dashboard_dir.clone());
+    if config.tokens.is_empty() {
+        tracing::warn!(
+            "NO ADMIN TOKEN IS CONFIGURED: every /api call except /api/health answers 401; \
+             set IDEMGATE_ADMIN_TOKEN or --admin-token-file"
+        );
+    }
+    tokio::spawn(expiry::run(
+        store,
+        state.events.clone(),
+        state.metrics.clone(),
+        state.shutdown.clone(),
+    ));
 
     let bind = |what: &'static str, addr| async move {
         tokio::net::TcpListener::bind(addr)
@@ -137,9 +253,12 @@ pub async fn serve(
     let admin_listener = bind("admin", config.admin_listen).await?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(());
+    let cancel = state.shutdown.clone();
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down");
+        // SSE streams and background tasks end; the listeners stop accepting.
+        cancel.cancel();
         // Receivers see the channel close; nothing else to do if all are gone.
         drop(stop_tx);
     });

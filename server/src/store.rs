@@ -40,8 +40,9 @@ use idemgate_protocol::{
     ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId, ReleaseOutcome,
     ReleaseRequest, StoredResponse,
 };
-use redis::aio::ConnectionManager;
 use redis::{Script, Value};
+
+use crate::backend::{Backend, Conn};
 
 /// `claim` script; see `lua/claim.lua` for KEYS, ARGV and the return shape.
 static CLAIM_SCRIPT: LazyLock<Script> =
@@ -74,14 +75,15 @@ pub enum StoreError {
 /// Handle to the Redis store. Cheap to clone; holds no state a second instance would need.
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    backend: Backend,
     key_prefix: String,
     timeout: Duration,
 }
 
 impl Store {
-    /// Creates a store over `client` without connecting: the [`ConnectionManager`] connects
-    /// on first use and reconnects by itself, so the server starts while Redis is down.
+    /// Creates a store over one Redis server without connecting: the connection manager
+    /// connects on first use and reconnects by itself, so the server starts while Redis is
+    /// down.
     ///
     /// `timeout` bounds every store call (connect, command and response together).
     ///
@@ -92,17 +94,35 @@ impl Store {
         key_prefix: impl Into<String>,
         timeout: Duration,
     ) -> Result<Self, StoreError> {
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Self {
-            conn,
+        Ok(Self::with_backend(
+            Backend::single(client, timeout)?,
+            key_prefix,
+            timeout,
+        ))
+    }
+
+    /// A store over any [`Backend`] (single server or cluster).
+    pub fn with_backend(backend: Backend, key_prefix: impl Into<String>, timeout: Duration) -> Self {
+        Self {
+            backend,
             key_prefix: key_prefix.into(),
             timeout,
-        })
+        }
+    }
+
+    /// The backend (for per-node work: SCAN, keyspace notifications).
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The key prefix (`--key-prefix`).
+    pub fn key_prefix(&self) -> &str {
+        &self.key_prefix
+    }
+
+    /// The per-call timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// The Redis key of a record: `{prefix}:rec:{scope}:{key}`.
@@ -110,15 +130,45 @@ impl Store {
         format!("{}:rec:{}:{}", self.key_prefix, id.scope, id.key)
     }
 
+    /// The Redis key of an admin-side key `name`: `{prefix}` as a hash tag, so every admin
+    /// key (event stream, stat buckets, confirmations, expiration markers) lives in one
+    /// cluster slot and can be pipelined: `{<prefix>}:<name>`.
+    pub fn admin_key(&self, name: &str) -> String {
+        format!("{{{}}}:{name}", self.key_prefix)
+    }
+
+    /// A connection, within the timeout.
+    ///
+    /// # Errors
+    /// [`StoreError::Redis`] or [`StoreError::Timeout`].
+    pub async fn conn(&self) -> Result<Conn, StoreError> {
+        self.timed(self.backend.conn()).await
+    }
+
     /// Runs `fut` under the store timeout.
-    async fn timed<T>(
+    ///
+    /// # Errors
+    /// The future's Redis error, or [`StoreError::Timeout`].
+    pub async fn timed<T>(
         &self,
         fut: impl std::future::Future<Output = Result<T, redis::RedisError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
+        self.timed_for(self.timeout, fut).await
+    }
+
+    /// Runs `fut` under `limit` instead of the store timeout (longer admin work).
+    ///
+    /// # Errors
+    /// The future's Redis error, or [`StoreError::Timeout`].
+    pub async fn timed_for<T>(
+        &self,
+        limit: Duration,
+        fut: impl std::future::Future<Output = Result<T, redis::RedisError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(limit, fut).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(StoreError::Timeout {
-                timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+                timeout_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
             }),
         }
     }
@@ -128,9 +178,9 @@ impl Store {
     /// # Errors
     /// [`StoreError::Redis`] or [`StoreError::Timeout`].
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let pong: String = self
-            .timed(async move { redis::cmd("PING").query_async(&mut conn).await })
+            .timed(async move { conn.query(&redis::cmd("PING")).await })
             .await?;
         if pong == "PONG" {
             Ok(())
@@ -146,7 +196,7 @@ impl Store {
     pub async fn claim(&self, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         let key = self.record_key(&req.record);
         let token = new_fencing_token();
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = CLAIM_SCRIPT.key(&key);
         invocation
             .arg(&token)
@@ -162,7 +212,8 @@ impl Store {
     }
 
     /// Runs the complete script. `ttl_ms` is the completed record's lifetime; the request
-    /// must be validated (see [`crate::api`]).
+    /// must be validated (see [`crate::api`]). Returns the outcome and, when completed, the
+    /// record's route (for events).
     ///
     /// # Errors
     /// [`StoreError`] when Redis cannot answer in time or answers something unexpected.
@@ -170,7 +221,7 @@ impl Store {
         &self,
         req: &CompleteRequest,
         ttl_ms: u64,
-    ) -> Result<CompleteOutcome, StoreError> {
+    ) -> Result<(CompleteOutcome, Option<String>), StoreError> {
         let key = self.record_key(&req.record);
         let (headers_json, body, replayable): (Vec<u8>, &[u8], u8) = match &req.response {
             Some(resp) => (
@@ -181,7 +232,7 @@ impl Store {
             ),
             None => (Vec::new(), &[], 0),
         };
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = COMPLETE_SCRIPT.key(&key);
         invocation
             .arg(&req.fencing_token)
@@ -190,31 +241,36 @@ impl Store {
             .arg(body)
             .arg(replayable)
             .arg(ttl_ms);
-        let answer: String = self
+        let answer: Vec<String> = self
             .timed(async { invocation.invoke_async(&mut conn).await })
             .await?;
-        match answer.as_str() {
-            "completed" => Ok(CompleteOutcome::Completed),
-            "lock_lost" => Ok(CompleteOutcome::LockLost),
+        match answer.as_slice() {
+            [tag, route] if tag == "completed" => {
+                Ok((CompleteOutcome::Completed, Some(route.clone())))
+            }
+            [tag] if tag == "lock_lost" => Ok((CompleteOutcome::LockLost, None)),
             other => Err(StoreError::Corrupt(format!("complete answered {other:?}"))),
         }
     }
 
-    /// Runs the release script.
+    /// Runs the release script. Returns the outcome and, when released, the record's route.
     ///
     /// # Errors
     /// [`StoreError`] when Redis cannot answer in time or answers something unexpected.
-    pub async fn release(&self, req: &ReleaseRequest) -> Result<ReleaseOutcome, StoreError> {
+    pub async fn release(
+        &self,
+        req: &ReleaseRequest,
+    ) -> Result<(ReleaseOutcome, Option<String>), StoreError> {
         let key = self.record_key(&req.record);
-        let mut conn = self.conn.clone();
+        let mut conn = self.conn().await?;
         let mut invocation = RELEASE_SCRIPT.key(&key);
         invocation.arg(&req.fencing_token);
-        let answer: String = self
+        let answer: Vec<String> = self
             .timed(async { invocation.invoke_async(&mut conn).await })
             .await?;
-        match answer.as_str() {
-            "released" => Ok(ReleaseOutcome::Released),
-            "lock_lost" => Ok(ReleaseOutcome::LockLost),
+        match answer.as_slice() {
+            [tag, route] if tag == "released" => Ok((ReleaseOutcome::Released, Some(route.clone()))),
+            [tag] if tag == "lock_lost" => Ok((ReleaseOutcome::LockLost, None)),
             other => Err(StoreError::Corrupt(format!("release answered {other:?}"))),
         }
     }

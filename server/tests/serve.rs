@@ -18,6 +18,10 @@ fn args(redis_port: u16, store_port: u16, admin_port: u16) -> ServeArgs {
         admin_listen: format!("127.0.0.1:{admin_port}").parse().unwrap(),
         redis_timeout_ms: 300,
         key_prefix: "tcp".into(),
+        redis_cluster: false,
+        admin_token_file: None,
+        dashboard_dir: None,
+        admin_token: Some(TOKEN.into()),
     }
 }
 
@@ -139,10 +143,10 @@ async fn serves_over_tcp_starts_without_redis_and_shuts_down_gracefully() {
         .send()
         .await
         .unwrap();
-    assert_eq!(
-        r.json::<Value>().await.unwrap(),
-        json!({"redis": "up", "version": env!("CARGO_PKG_VERSION")})
-    );
+    let health = r.json::<Value>().await.unwrap();
+    assert_eq!(health["redis"], "up", "{health}");
+    assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
+    assert!(health["redis_latency_ms"].as_f64().unwrap() >= 0.0, "{health}");
     // The admin routes are not on the store listener, and the store API is not on admin.
     let r = http
         .post(format!("{admin}/v1/claim"))

@@ -8,14 +8,15 @@
 -- ARGV[5]  replayable     '1' or '0'
 -- ARGV[6]  ttl_ms         lifetime of the completed record in milliseconds (integer > 0)
 --
--- Returns 'completed' (record now completed, PEXPIRE ttl_ms, replays = 0) or
--- 'lock_lost' (state is not in_flight or the token is not the current one; nothing written).
+-- Returns {'completed', route} (record now completed, PEXPIRE ttl_ms, replays = 0; route is
+-- the route stored by claim, for events) or {'lock_lost'} (state is not in_flight or the
+-- token is not the current one; nothing written).
 --
 -- Fencing is by equality: once the lock TTL passes, the record vanishes; a new claim writes
 -- a fresh token, so the first holder's late complete no longer matches.
-local rec = redis.call('HMGET', KEYS[1], 'state', 'token')
+local rec = redis.call('HMGET', KEYS[1], 'state', 'token', 'route')
 if rec[1] ~= 'in_flight' or rec[2] ~= ARGV[1] then
-  return 'lock_lost'
+  return {'lock_lost'}
 end
 
 local t = redis.call('TIME')
@@ -32,4 +33,4 @@ redis.call('HSET', KEYS[1],
   'expires_ms', string.format('%.0f', now_ms + ttl_ms),
   'replays', 0)
 redis.call('PEXPIRE', KEYS[1], ttl_ms)
-return 'completed'
+return {'completed', rec[3] or ''}

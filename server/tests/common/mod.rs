@@ -11,7 +11,7 @@ use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use idemgate_server::{admin_app, store_app, AppState, Store};
+use idemgate_server::{admin_app, store_app, AdminTokens, AppState, Store};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -145,12 +145,23 @@ impl Drop for RedisServer {
 /// Key prefix used by the test apps.
 pub const PREFIX: &str = "t";
 
-/// Store + admin apps over `redis_url` with a 500 ms timeout.
+/// The admin token the test apps accept (label `tester`).
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// Store + admin apps over `redis_url` with a 500 ms timeout; the admin API accepts
+/// [`TOKEN`] (label `tester`).
 pub fn apps(redis_url: &str) -> (Router, Router) {
+    let (store, admin, _) = apps_with_state(redis_url);
+    (store, admin)
+}
+
+/// [`apps`] and their shared state.
+pub fn apps_with_state(redis_url: &str) -> (Router, Router, Arc<AppState>) {
     let client = redis::Client::open(redis_url).expect("client");
     let store = Store::new(client, PREFIX, Duration::from_millis(500)).expect("store");
-    let state: Arc<AppState> = AppState::new(store);
-    (store_app(state.clone()), admin_app(state))
+    let tokens = AdminTokens::new(vec![("tester".into(), TOKEN.into())]).expect("tokens");
+    let state: Arc<AppState> = AppState::new(store, tokens).expect("state");
+    (store_app(state.clone()), admin_app(state.clone()), state)
 }
 
 /// A response read to the end.
@@ -198,6 +209,59 @@ pub async fn send(app: &Router, method: &str, path: &str, body: impl Into<Body>)
         headers,
         body,
     }
+}
+
+/// Sends one admin request with `Authorization: Bearer <token>` (when given).
+pub async fn send_auth(
+    app: &Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: impl Into<Body>,
+) -> Resp {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let resp = app
+        .clone()
+        .oneshot(req.body(body.into()).expect("request"))
+        .await
+        .expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes()
+        .to_vec();
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// GET with the test token.
+pub async fn admin_get(app: &Router, path: &str) -> Resp {
+    send_auth(app, "GET", path, Some(TOKEN), Body::empty()).await
+}
+
+/// Admin call with the test token and a JSON body.
+pub async fn admin_call(app: &Router, method: &str, path: &str, body: &Value) -> Resp {
+    send_auth(
+        app,
+        method,
+        path,
+        Some(TOKEN),
+        serde_json::to_vec(body).expect("json"),
+    )
+    .await
 }
 
 /// POSTs JSON.
