@@ -29,8 +29,8 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::{Extension, Json};
 use futures_util::Stream;
 use idemgate_protocol::admin::{
-    BulkPurgeOutcome, BulkPurgeRequest, Event, EventKind, Health, KeyDetail, KeyListQuery,
-    KeyPage, PurgeOutcome, StatsResponse,
+    BulkPurgeOutcome, BulkPurgeRequest, Event, EventKind, Health, KeyDetail, KeyListQuery, KeyPage,
+    PurgeOutcome, StatsResponse,
 };
 use idemgate_protocol::RecordId;
 use serde::{Deserialize, Serialize};
@@ -324,7 +324,10 @@ pub async fn bulk_purge(
     let mut e = event(EventKind::Purged);
     e.scope = filter.scope.map(str::to_owned);
     e.route = filter.route.map(str::to_owned);
-    e.detail = Some(format!("bulk purge {}: {purged} records", filter.describe()));
+    e.detail = Some(format!(
+        "bulk purge {}: {purged} records",
+        filter.describe()
+    ));
     e.actor = Some(actor);
     e.count = Some(purged);
     state.events.publish(e);

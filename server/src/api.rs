@@ -162,7 +162,11 @@ fn observe<T>(
         .inc();
 }
 
-fn record_event(kind: EventKind, record: &RecordId, route: Option<String>) -> idemgate_protocol::admin::Event {
+fn record_event(
+    kind: EventKind,
+    record: &RecordId,
+    route: Option<String>,
+) -> idemgate_protocol::admin::Event {
     let mut e = event(kind);
     e.scope = Some(record.scope.clone());
     e.key = Some(record.key.clone());
@@ -179,13 +183,20 @@ pub async fn claim(
     validate_claim(&req)?;
     let started = std::time::Instant::now();
     let result = state.store.claim(&req).await;
-    observe(&state, "claim", started, &req.record, &result, |o| match o {
-        ClaimOutcome::Acquired { .. } => "acquired",
-        ClaimOutcome::InFlight { .. } => "in_flight",
-        ClaimOutcome::Replay { .. } => "replay",
-        ClaimOutcome::Mismatch => "mismatch",
-        ClaimOutcome::NotReplayable { .. } => "not_replayable",
-    });
+    observe(
+        &state,
+        "claim",
+        started,
+        &req.record,
+        &result,
+        |o| match o {
+            ClaimOutcome::Acquired { .. } => "acquired",
+            ClaimOutcome::InFlight { .. } => "in_flight",
+            ClaimOutcome::Replay { .. } => "replay",
+            ClaimOutcome::Mismatch => "mismatch",
+            ClaimOutcome::NotReplayable { .. } => "not_replayable",
+        },
+    );
     let outcome = result?;
     let (kind, status) = match &outcome {
         ClaimOutcome::Acquired { .. } => (EventKind::Claimed, None),
@@ -210,10 +221,17 @@ pub async fn complete(
     let ttl_ms = validate_complete(&req)?;
     let started = std::time::Instant::now();
     let result = state.store.complete(&req, ttl_ms).await;
-    observe(&state, "complete", started, &req.record, &result, |(o, _)| match o {
-        CompleteOutcome::Completed => "completed",
-        CompleteOutcome::LockLost => "lock_lost",
-    });
+    observe(
+        &state,
+        "complete",
+        started,
+        &req.record,
+        &result,
+        |(o, _)| match o {
+            CompleteOutcome::Completed => "completed",
+            CompleteOutcome::LockLost => "lock_lost",
+        },
+    );
     let (outcome, route) = result?;
     let kind = match outcome {
         CompleteOutcome::Completed => EventKind::Completed,
@@ -238,10 +256,17 @@ pub async fn release(
     validate_release(&req)?;
     let started = std::time::Instant::now();
     let result = state.store.release(&req).await;
-    observe(&state, "release", started, &req.record, &result, |(o, _)| match o {
-        ReleaseOutcome::Released => "released",
-        ReleaseOutcome::LockLost => "lock_lost",
-    });
+    observe(
+        &state,
+        "release",
+        started,
+        &req.record,
+        &result,
+        |(o, _)| match o {
+            ReleaseOutcome::Released => "released",
+            ReleaseOutcome::LockLost => "lock_lost",
+        },
+    );
     let (outcome, route) = result?;
     let kind = match outcome {
         ReleaseOutcome::Released => EventKind::Released,

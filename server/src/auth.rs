@@ -28,7 +28,9 @@ pub struct AdminTokens {
 impl std::fmt::Debug for AdminTokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let labels: Vec<&str> = self.entries.iter().map(|(l, _)| l.as_str()).collect();
-        f.debug_struct("AdminTokens").field("labels", &labels).finish()
+        f.debug_struct("AdminTokens")
+            .field("labels", &labels)
+            .finish()
     }
 }
 
@@ -53,7 +55,9 @@ impl AdminTokens {
             if label.is_empty() || label.chars().any(char::is_whitespace) {
                 return Err(format!("token label {label:?} is empty or has whitespace"));
             }
-            if token.len() < MIN_TOKEN_LEN || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if token.len() < MIN_TOKEN_LEN
+                || token.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
                 return Err(format!(
                     "the token labelled {label:?} must be at least {MIN_TOKEN_LEN} characters without whitespace"
                 ));
@@ -141,7 +145,9 @@ pub async fn require_token(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, token) = v.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim().to_owned())
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then(|| token.trim().to_owned())
         });
     let presented = header_token.or_else(|| {
         (req.uri().path() == "/api/events")
@@ -149,8 +155,10 @@ pub async fn require_token(
             .flatten()
     });
     let Some(presented) = presented else {
-        return AppError::Unauthorized("an `Authorization: Bearer <token>` header is required".into())
-            .into_response();
+        return AppError::Unauthorized(
+            "an `Authorization: Bearer <token>` header is required".into(),
+        )
+        .into_response();
     };
     match state.tokens.check(&presented) {
         Some(label) => {
@@ -167,8 +175,10 @@ mod tests {
 
     #[test]
     fn token_files_parse_with_comments_and_refuse_bad_lines() {
-        let t = AdminTokens::parse_file("# ops\n\nalice aaaaaaaaaaaaaaaaaaaa\nbob   bbbbbbbbbbbbbbbbbbbb  \n")
-            .unwrap_or_default();
+        let t = AdminTokens::parse_file(
+            "# ops\n\nalice aaaaaaaaaaaaaaaaaaaa\nbob   bbbbbbbbbbbbbbbbbbbb  \n",
+        )
+        .unwrap_or_default();
         assert_eq!(t.len(), 2);
         let tokens = AdminTokens::new(t).unwrap_or_default();
         assert_eq!(tokens.check("bbbbbbbbbbbbbbbbbbbb").as_deref(), Some("bob"));
@@ -176,10 +186,7 @@ mod tests {
         assert!(AdminTokens::parse_file("alice\n").is_err());
         assert!(AdminTokens::parse_file("a b c\n").is_err());
         assert!(AdminTokens::new(vec![("a".into(), "short".into())]).is_err());
-        let dup = vec![
-            ("a".into(), "x".repeat(20)),
-            ("a".into(), "y".repeat(20)),
-        ];
+        let dup = vec![("a".into(), "x".repeat(20)), ("a".into(), "y".repeat(20))];
         assert!(AdminTokens::new(dup).is_err());
     }
 

@@ -140,9 +140,7 @@ impl Backend {
             Self::Single { client, .. } => Ok(vec![node_of(client.get_connection_info())]),
             Self::Cluster { .. } => {
                 let mut conn = self.conn().await?;
-                let nodes: String = conn
-                    .query(redis::cmd("CLUSTER").arg("NODES"))
-                    .await?;
+                let nodes: String = conn.query(redis::cmd("CLUSTER").arg("NODES")).await?;
                 let mut masters = parse_cluster_nodes(&nodes);
                 masters.sort();
                 Ok(masters)
@@ -206,8 +204,7 @@ fn parse_cluster_nodes(text: &str) -> Vec<Node> {
             let addr = parts.next()?;
             let flags = parts.next()?;
             let flags: Vec<&str> = flags.split(',').collect();
-            if !flags.contains(&"master") || flags.contains(&"fail") || flags.contains(&"noaddr")
-            {
+            if !flags.contains(&"master") || flags.contains(&"fail") || flags.contains(&"noaddr") {
                 return None;
             }
             let hostport = addr.split('@').next()?;
@@ -316,8 +313,14 @@ mod tests {
         assert_eq!(
             nodes,
             vec![
-                Node { host: "127.0.0.1".into(), port: 7001 },
-                Node { host: "127.0.0.1".into(), port: 7002 },
+                Node {
+                    host: "127.0.0.1".into(),
+                    port: 7001
+                },
+                Node {
+                    host: "127.0.0.1".into(),
+                    port: 7002
+                },
             ]
         );
     }

@@ -148,7 +148,9 @@ pub enum ConfigError {
     #[error("--admin-listen {0} is not a loopback address and no admin token is configured; set IDEMGATE_ADMIN_TOKEN or --admin-token-file (or listen on 127.0.0.1)")]
     TokenRequired(SocketAddr),
     /// `--dashboard-dir` is not a directory with an index.html.
-    #[error("--dashboard-dir / IDEMGATE_DASHBOARD_DIR {0:?} is not a directory holding index.html")]
+    #[error(
+        "--dashboard-dir / IDEMGATE_DASHBOARD_DIR {0:?} is not a directory holding index.html"
+    )]
     DashboardDir(std::path::PathBuf),
 }
 
@@ -175,20 +177,19 @@ impl ServeArgs {
             if seeds.is_empty() {
                 return Err(ConfigError::RedisUrl {
                     url: redacted,
-                    source: redis::RedisError::from((
-                        redis::ErrorKind::Client,
-                        "no seed node URL",
-                    )),
+                    source: redis::RedisError::from((redis::ErrorKind::Client, "no seed node URL")),
                 });
             }
             RedisSpec::Cluster(seeds)
         } else {
-            RedisSpec::Single(Box::new(redis::Client::open(self.redis_url.as_str()).map_err(
-                |source| ConfigError::RedisUrl {
-                    url: redacted.clone(),
-                    source,
-                },
-            )?))
+            RedisSpec::Single(Box::new(
+                redis::Client::open(self.redis_url.as_str()).map_err(|source| {
+                    ConfigError::RedisUrl {
+                        url: redacted.clone(),
+                        source,
+                    }
+                })?,
+            ))
         };
         if !(1..=MAX_REDIS_TIMEOUT_MS).contains(&self.redis_timeout_ms) {
             return Err(ConfigError::RedisTimeout(self.redis_timeout_ms));
@@ -209,9 +210,8 @@ impl ServeArgs {
             entries.push(("admin".to_owned(), token.to_owned()));
         }
         if let Some(file) = &self.admin_token_file {
-            let text = std::fs::read_to_string(file).map_err(|e| {
-                ConfigError::Tokens(format!("cannot read {}: {e}", file.display()))
-            })?;
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| ConfigError::Tokens(format!("cannot read {}: {e}", file.display())))?;
             let parsed = crate::auth::AdminTokens::parse_file(&text)
                 .map_err(|e| ConfigError::Tokens(format!("{}: {e}", file.display())))?;
             entries.extend(parsed);

@@ -187,7 +187,9 @@ fn decode(entries: Entries) -> Vec<Event> {
         .into_iter()
         .filter_map(|(id, fields)| {
             let mut it = fields.chunks(2);
-            let json = it.find(|kv| kv.first().map(Vec::as_slice) == Some(b"e"))?.get(1)?;
+            let json = it
+                .find(|kv| kv.first().map(Vec::as_slice) == Some(b"e"))?
+                .get(1)?;
             let mut e: Event = serde_json::from_slice(json).ok()?;
             e.id = id;
             Some(e)

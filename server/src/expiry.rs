@@ -181,7 +181,11 @@ async fn report_once(
     let claimed = async {
         let mut conn = store.conn().await?;
         let mut cmd = redis::cmd("SET");
-        cmd.arg(&marker).arg(1).arg("NX").arg("PX").arg(MARKER_TTL_MS);
+        cmd.arg(&marker)
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(MARKER_TTL_MS);
         let set: Option<String> = store.timed(conn.query(&cmd)).await?;
         Ok::<_, crate::store::StoreError>(set.is_some())
     }

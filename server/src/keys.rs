@@ -219,9 +219,7 @@ async fn scan(
         .arg(pattern)
         .arg("COUNT")
         .arg(count);
-    Ok(store
-        .timed(async { conn.on_node(node, cmd).await })
-        .await?)
+    Ok(store.timed(async { conn.on_node(node, cmd).await }).await?)
 }
 
 fn node_index(nodes: &[Node], name: &str) -> Result<usize, AppError> {
@@ -352,8 +350,9 @@ pub async fn detail(store: &Store, id: &RecordId) -> Result<KeyDetail, AppError>
             .map(|v| String::from_utf8_lossy(v).into_owned())
     };
     let row: Vec<Option<String>> = SUMMARY_FIELDS.iter().map(|f| text(f)).collect();
-    let summary = summary_from(&id.scope, &id.key, &row)
-        .ok_or_else(|| AppError::Missing(format!("no record for key {:?} in this scope", id.key)))?;
+    let summary = summary_from(&id.scope, &id.key, &row).ok_or_else(|| {
+        AppError::Missing(format!("no record for key {:?} in this scope", id.key))
+    })?;
     let response = match (&summary.state, summary.replayable, summary.status) {
         (KeyState::Completed, true, Some(status)) => {
             let headers: Vec<(String, String)> = fields
@@ -385,9 +384,10 @@ pub fn preview(status: u16, headers: Vec<(String, String)>, body: &[u8]) -> Resp
     let (text, base64) = match std::str::from_utf8(head) {
         Ok(s) => (s.to_owned(), false),
         // Cut inside a multi-byte character at the end: keep the valid part.
-        Err(e) if e.error_len().is_none() && e.valid_up_to() + 4 > head.len() => {
-            (String::from_utf8_lossy(&head[..e.valid_up_to()]).into_owned(), false)
-        }
+        Err(e) if e.error_len().is_none() && e.valid_up_to() + 4 > head.len() => (
+            String::from_utf8_lossy(&head[..e.valid_up_to()]).into_owned(),
+            false,
+        ),
         Err(_) => (base64::engine::general_purpose::STANDARD.encode(head), true),
     };
     let shown = if base64 { head.len() } else { text.len() };
@@ -431,7 +431,7 @@ pub async fn delete(
         .await?;
     Ok(Deleted {
         deleted: answer.0 == 1,
-        state: answer.1,
+        state: answer.1.filter(|s| !s.is_empty()),
         route: answer.2.filter(|r| !r.is_empty()),
     })
 }

@@ -24,7 +24,10 @@ fn p(name: &str, description: &str) -> Value {
 
 /// The document.
 pub fn document() -> Value {
-    let key_params = json!([p("scope", "scope hash (64 hex) or `global`"), p("key", "idempotency key, percent-encoded")]);
+    let key_params = json!([
+        p("scope", "scope hash (64 hex) or `global`"),
+        p("key", "idempotency key, percent-encoded")
+    ]);
     json!({
         "openapi": "3.1.0",
         "info": {

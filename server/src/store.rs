@@ -102,7 +102,11 @@ impl Store {
     }
 
     /// A store over any [`Backend`] (single server or cluster).
-    pub fn with_backend(backend: Backend, key_prefix: impl Into<String>, timeout: Duration) -> Self {
+    pub fn with_backend(
+        backend: Backend,
+        key_prefix: impl Into<String>,
+        timeout: Duration,
+    ) -> Self {
         Self {
             backend,
             key_prefix: key_prefix.into(),
@@ -269,7 +273,9 @@ impl Store {
             .timed(async { invocation.invoke_async(&mut conn).await })
             .await?;
         match answer.as_slice() {
-            [tag, route] if tag == "released" => Ok((ReleaseOutcome::Released, Some(route.clone()))),
+            [tag, route] if tag == "released" => {
+                Ok((ReleaseOutcome::Released, Some(route.clone())))
+            }
             [tag] if tag == "lock_lost" => Ok((ReleaseOutcome::LockLost, None)),
             other => Err(StoreError::Corrupt(format!("release answered {other:?}"))),
         }

@@ -146,7 +146,10 @@ async fn serves_over_tcp_starts_without_redis_and_shuts_down_gracefully() {
     let health = r.json::<Value>().await.unwrap();
     assert_eq!(health["redis"], "up", "{health}");
     assert_eq!(health["version"], env!("CARGO_PKG_VERSION"));
-    assert!(health["redis_latency_ms"].as_f64().unwrap() >= 0.0, "{health}");
+    assert!(
+        health["redis_latency_ms"].as_f64().unwrap() >= 0.0,
+        "{health}"
+    );
     // The admin routes are not on the store listener, and the store API is not on admin.
     let r = http
         .post(format!("{admin}/v1/claim"))

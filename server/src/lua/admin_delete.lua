@@ -5,9 +5,9 @@
 -- ARGV[2]  only_route  '' for any route, else the route name (bulk purge by route)
 --
 -- Returns {deleted, state, route}: deleted is 1 when the record was deleted, 0 when it
--- did not exist ({0}) or did not match (state and route as stored, for events).
+-- did not exist ({0, '', ''}) or did not match (state and route as stored, for events).
 if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {0}
+  return {0, '', ''}
 end
 local rec = redis.call('HMGET', KEYS[1], 'state', 'route')
 local state = rec[1] or ''
