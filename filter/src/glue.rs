@@ -360,30 +360,29 @@ impl Host for GlueHost<'_> {
     }
 
     fn resume_request(&self) {
-        if let Err(status) = hostcalls::resume_http_request() {
+        if let Err(status) = abi::continue_stream(abi::HTTP_REQUEST) {
             log(
                 Level::Debug,
-                &format!("idemgate: resume request: {status:?}"),
+                &format!("idemgate: resume request: host status {status}"),
             );
         }
     }
 
     fn resume_response(&self) {
-        if let Err(status) = hostcalls::resume_http_response() {
+        if let Err(status) = abi::continue_stream(abi::HTTP_RESPONSE) {
             log(
                 Level::Debug,
-                &format!("idemgate: resume response: {status:?}"),
+                &format!("idemgate: resume response: host status {status}"),
             );
         }
     }
 
     fn local_reply(&self, status: u16, headers: &[(String, String)], body: &[u8]) {
-        let pairs: Vec<(&str, &str)> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        if let Err(s) = hostcalls::send_http_response(u32::from(status), pairs, Some(body)) {
-            log(Level::Warn, &format!("idemgate: local reply failed: {s:?}"));
+        if let Err(s) = abi::send_local_response(status, headers, body) {
+            log(
+                Level::Warn,
+                &format!("idemgate: local reply failed: host status {s}"),
+            );
         }
     }
 
@@ -393,5 +392,92 @@ impl Host for GlueHost<'_> {
 
     fn log(&self, level: Level, message: &str) {
         log(level, message);
+    }
+}
+
+/// Raw hostcalls for the calls made after a store callout answers (resume, local reply):
+/// the SDK's wrappers `panic!` on any status but `Ok`, and a stream that went away in the
+/// meantime is an expected case, not a reason to trap the VM (Envoy keeps a trapped VM
+/// broken). Statuses are read as plain `u32` so an unknown value is never an invalid enum.
+#[allow(unsafe_code)]
+mod abi {
+    /// `StreamType::HttpRequest` of the proxy-wasm ABI.
+    pub const HTTP_REQUEST: u32 = 0;
+    /// `StreamType::HttpResponse` of the proxy-wasm ABI.
+    pub const HTTP_RESPONSE: u32 = 1;
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        fn proxy_continue_stream(stream_type: u32) -> u32;
+        fn proxy_send_local_response(
+            status_code: u32,
+            status_code_details_data: *const u8,
+            status_code_details_size: usize,
+            body_data: *const u8,
+            body_size: usize,
+            headers_data: *const u8,
+            headers_size: usize,
+            grpc_status: i32,
+        ) -> u32;
+    }
+
+    /// Resumes the request (`HTTP_REQUEST`) or response (`HTTP_RESPONSE`).
+    ///
+    /// # Errors
+    /// The host's status when it is not `Ok` (0).
+    pub fn continue_stream(stream_type: u32) -> Result<(), u32> {
+        // SAFETY: an ABI call with a plain integer argument.
+        match unsafe { proxy_continue_stream(stream_type) } {
+            0 => Ok(()),
+            status => Err(status),
+        }
+    }
+
+    /// Sends a local reply; `headers` are serialized in the ABI's map format
+    /// (count, then name/value lengths, then NUL-terminated names and values).
+    ///
+    /// # Errors
+    /// The host's status when it is not `Ok` (0).
+    pub fn send_local_response(
+        status: u16,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Result<(), u32> {
+        let len = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+        let mut map = Vec::with_capacity(
+            4 + headers
+                .iter()
+                .map(|(n, v)| n.len() + v.len() + 10)
+                .sum::<usize>(),
+        );
+        map.extend_from_slice(&len(headers.len()));
+        for (n, v) in headers {
+            map.extend_from_slice(&len(n.len()));
+            map.extend_from_slice(&len(v.len()));
+        }
+        for (n, v) in headers {
+            map.extend_from_slice(n.as_bytes());
+            map.push(0);
+            map.extend_from_slice(v.as_bytes());
+            map.push(0);
+        }
+        // SAFETY: every pointer/length pair names a live, initialised buffer for the call's
+        // duration; the host copies what it needs before returning.
+        let status = unsafe {
+            proxy_send_local_response(
+                u32::from(status),
+                std::ptr::null(),
+                0,
+                body.as_ptr(),
+                body.len(),
+                map.as_ptr(),
+                map.len(),
+                -1,
+            )
+        };
+        match status {
+            0 => Ok(()),
+            s => Err(s),
+        }
     }
 }
