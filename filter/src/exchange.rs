@@ -733,29 +733,21 @@ impl Exchange {
         reply: StoreReply,
     ) {
         let lost = match kind {
-            FinishKind::Complete => decode::<CompleteOutcome>(&reply).map(|o| {
-                host.count(
-                    if o == CompleteOutcome::Completed {
-                        Metric::Completed
-                    } else {
-                        Metric::LockLost
-                    },
-                    1,
-                );
-                o == CompleteOutcome::LockLost
-            }),
-            FinishKind::Release => decode::<ReleaseOutcome>(&reply).map(|o| {
-                host.count(
-                    if o == ReleaseOutcome::Released {
-                        Metric::Released
-                    } else {
-                        Metric::LockLost
-                    },
-                    1,
-                );
-                o == ReleaseOutcome::LockLost
-            }),
+            FinishKind::Complete => {
+                decode::<CompleteOutcome>(&reply).map(|o| o == CompleteOutcome::LockLost)
+            }
+            FinishKind::Release => {
+                decode::<ReleaseOutcome>(&reply).map(|o| o == ReleaseOutcome::LockLost)
+            }
         };
+        if let Ok(lost) = lost {
+            let metric = match (lost, kind) {
+                (true, _) => Metric::LockLost,
+                (false, FinishKind::Complete) => Metric::Completed,
+                (false, FinishKind::Release) => Metric::Released,
+            };
+            host.count(metric, 1);
+        }
         match lost {
             Ok(false) => {}
             Ok(true) => host.log(Level::Warn, &format!(

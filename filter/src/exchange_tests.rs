@@ -234,6 +234,17 @@ fn claim_payment(x: &mut Exchange, host: &FakeHost) -> (u32, ClaimRequest) {
     host.last_call::<ClaimRequest>()
 }
 
+/// A payment whose claim acquired the lock with fencing token `ft`: the upstream runs.
+fn forwarded_payment(host: &FakeHost) -> Exchange {
+    let mut x = exchange();
+    let (token, _) = claim_payment(&mut x, host);
+    let acquired = ClaimOutcome::Acquired {
+        fencing_token: "ft".into(),
+    };
+    x.on_store_reply(host, token, ok(&acquired));
+    x
+}
+
 #[test]
 fn first_request_is_claimed_forwarded_and_completed() {
     let host = FakeHost::request(
@@ -596,15 +607,7 @@ fn request_over_the_cap_is_413_before_any_claim() {
 fn response_over_the_cap_completes_as_not_replayable() {
     let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
         .with_body(b"{}");
-    let mut x = exchange();
-    let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(
-        &host,
-        token,
-        ok(&ClaimOutcome::Acquired {
-            fencing_token: "ft".into(),
-        }),
-    );
+    let mut x = forwarded_payment(&host);
     *host.response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
     x.on_response_headers(&host, false);
     *host.response_chunk.borrow_mut() = vec![b'x'; 20];
@@ -639,15 +642,7 @@ fn response_over_the_cap_completes_as_not_replayable() {
 
     // A declared content-length over the cap is known at the headers; the first body
     // callback completes the record.
-    let mut x = exchange();
-    let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(
-        &host,
-        token,
-        ok(&ClaimOutcome::Acquired {
-            fencing_token: "ft".into(),
-        }),
-    );
+    let mut x = forwarded_payment(&host);
     *host.response_headers.borrow_mut() = vec![
         (":status".into(), "200".into()),
         ("content-length".into(), "33".into()),
@@ -661,15 +656,7 @@ fn response_over_the_cap_completes_as_not_replayable() {
 fn unstored_status_releases_the_key() {
     let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
         .with_body(b"{}");
-    let mut x = exchange();
-    let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(
-        &host,
-        token,
-        ok(&ClaimOutcome::Acquired {
-            fencing_token: "ft".into(),
-        }),
-    );
+    let mut x = forwarded_payment(&host);
     *host.response_headers.borrow_mut() = vec![(":status".into(), "503".into())];
     assert_eq!(
         x.on_response_headers(&host, true),
