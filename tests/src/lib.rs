@@ -37,6 +37,7 @@ pub mod http;
 pub mod process;
 pub mod redis;
 pub mod stack;
+pub mod traffic;
 pub mod upstream;
 
 pub use bins::{workspace_root, Binaries};

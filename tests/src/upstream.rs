@@ -1,7 +1,7 @@
 //! The demo upstream: a small payments/orders API whose side effects are countable.
 //!
-//! Every executed `POST /v1/payments` or `POST /v1/orders` creates a record with a fresh id
-//! (`pay_000001`, `ord_000001`, ...) and answers `201 Created` with a `Location` header and
+//! Every executed `POST /v1/payments`, `POST /v1/orders` or `POST /v1/quotes` creates a
+//! record with a fresh id (`pay_000001`, `ord_000001`, `quo_000001`, ...) and answers `201 Created` with a `Location` header and
 //! a JSON body echoing the request JSON plus `id` and `created_at_ms`. `PATCH` on a record
 //! merges the request JSON into it and answers 200. `GET` reads one record or the list.
 //!
@@ -82,11 +82,13 @@ pub struct ReceivedRequest {
 /// Executed side effects per path without query (`GET /__upstream/executions`).
 pub type Executions = BTreeMap<String, u64>;
 
-/// The two demo resources.
+/// The demo resources.
 #[derive(Debug, Clone, Copy)]
 enum Resource {
     Payments,
     Orders,
+    /// Short-lived price quotes (the demo protects them with a short TTL).
+    Quotes,
 }
 
 impl Resource {
@@ -94,12 +96,14 @@ impl Resource {
         match self {
             Resource::Payments => "pay",
             Resource::Orders => "ord",
+            Resource::Quotes => "quo",
         }
     }
     fn collection(self) -> &'static str {
         match self {
             Resource::Payments => "/v1/payments",
             Resource::Orders => "/v1/orders",
+            Resource::Quotes => "/v1/quotes",
         }
     }
 }
@@ -109,6 +113,7 @@ struct Store {
     next_id: u64,
     payments: BTreeMap<String, Value>,
     orders: BTreeMap<String, Value>,
+    quotes: BTreeMap<String, Value>,
     requests: Vec<ReceivedRequest>,
     executions: Executions,
 }
@@ -118,6 +123,7 @@ impl Store {
         match r {
             Resource::Payments => &mut self.payments,
             Resource::Orders => &mut self.orders,
+            Resource::Quotes => &mut self.quotes,
         }
     }
 }
@@ -310,7 +316,12 @@ async fn upload(
         "bytes": body.len(),
         "sha256": hex::encode(sha2::Sha256::digest(&body)),
     });
-    Ok(respond(&knobs, StatusCode::CREATED, Some(&location), &described))
+    Ok(respond(
+        &knobs,
+        StatusCode::CREATED,
+        Some(&location),
+        &described,
+    ))
 }
 
 /// Records the request, then applies the delay knob. Returns the parsed knobs.
@@ -496,6 +507,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(resource_routes(Resource::Payments))
         .merge(resource_routes(Resource::Orders))
+        .merge(resource_routes(Resource::Quotes))
         .route("/v1/uploads", axum::routing::post(upload))
         .route("/__upstream/healthz", get(|| async { "ok" }))
         .route(

@@ -1,4 +1,5 @@
-//! `cargo xtask demo`: the gateway in front of the demo API, with curl lines to try.
+//! `cargo xtask demo`: the gateway in front of the demo API, the dashboard with a fresh
+//! admin token, demo traffic flowing, and curl lines to try.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -6,9 +7,11 @@ use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
+use idemgate_e2e::traffic::Traffic;
 use idemgate_e2e::{Component, FixedPorts, Stack, StackOptions};
 
-/// Start Redis, idemgate-server, the demo upstream and Envoy with envoy/demo-filter.json.
+/// Start Redis, idemgate-server (with the dashboard), the demo upstream and Envoy with
+/// envoy/demo-filter.json, and send demo traffic.
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// Gateway (Envoy listener) port; default: a free port.
@@ -20,6 +23,23 @@ pub struct Args {
     /// Skip `setup` and `build` (use what is already built).
     #[arg(long)]
     no_build: bool,
+    /// Do not send demo traffic (by default a background generator sends new keys,
+    /// retries, concurrent duplicates, conflicting reuses and a few malformed keys).
+    #[arg(long)]
+    no_traffic: bool,
+}
+
+/// A random admin token: 32 hex digits from the OS's random source.
+///
+/// # Errors
+/// `/dev/urandom` cannot be read.
+pub fn random_token() -> Result<String> {
+    use std::io::Read as _;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom for the admin token")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Entry point of `cargo xtask demo`: runs until Ctrl-C or SIGTERM, then stops every
@@ -47,6 +67,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if cancel.load(Ordering::SeqCst) {
         bail!("interrupted");
     }
+    let token = random_token()?;
+    let dashboard = crate::build::dashboard_dir();
+    let token_file = write_token_file(&token)?;
     let opts = StackOptions {
         ports: FixedPorts {
             gateway: args.gateway_port,
@@ -54,10 +77,26 @@ pub fn run(args: &Args) -> Result<ExitCode> {
             ..FixedPorts::default()
         },
         cancel: Some(Arc::clone(&cancel)),
+        // The server reads IDEMGATE_DASHBOARD_DIR (--dashboard-dir) and
+        // IDEMGATE_ADMIN_TOKEN_FILE (--admin-token-file, lines `label token`).
+        server_env: vec![
+            ("IDEMGATE_DASHBOARD_DIR".into(), dashboard.display().to_string()),
+            ("IDEMGATE_ADMIN_TOKEN_FILE".into(), token_file.display().to_string()),
+        ],
         ..StackOptions::demo()
     };
     let mut stack = Stack::start(opts).context("starting the demo stack (logs in target/demo/)")?;
-    print_banner(&stack);
+    if !dashboard.join("index.html").is_file() {
+        eprintln!(
+            "xtask demo: warning: {} has no built dashboard; run `cargo xtask build`",
+            dashboard.display()
+        );
+    }
+    print_banner(&stack, &token);
+    let traffic = (!args.no_traffic).then(|| Traffic::start(stack.gateway_url()));
+    if traffic.is_some() {
+        println!("demo traffic is flowing (--no-traffic turns it off).");
+    }
     // Wait for Ctrl-C / SIGTERM. If a component dies meanwhile, say which, show its log
     // and stop the rest: a half-running demo only confuses.
     let code = loop {
@@ -78,16 +117,35 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         "\nxtask demo: stopping (logs kept in {})",
         stack.log_dir().display()
     );
+    if let Some(t) = traffic {
+        let counts = t.stop();
+        let summary: Vec<String> = counts.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+        eprintln!("xtask demo: demo traffic answers by status: {}", summary.join(", "));
+    }
     drop(stack);
     Ok(code)
 }
 
-fn print_banner(stack: &Stack) {
+/// Writes `target/demo-admin-tokens` (`admin <token>`, owner-only) for the server's
+/// `--admin-token-file`. Outside `target/demo/`, which the stack truncates at start.
+fn write_token_file(token: &str) -> Result<std::path::PathBuf> {
+    let path = idemgate_e2e::workspace_root().join("target/demo-admin-tokens");
+    std::fs::write(&path, format!("# written by cargo xtask demo\nadmin {token}\n"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    }
+    Ok(path)
+}
+
+fn print_banner(stack: &Stack, token: &str) {
     let gw = stack.gateway_url();
     let h = "-H 'Authorization: Bearer tenant-a' -H 'Content-Type: application/json'";
     println!("gateway   {gw}");
     println!("upstream  {}", stack.upstream_url());
-    println!("dashboard {}", stack.admin_url());
+    println!("dashboard {}/  (admin token: {token})", stack.admin_url());
     println!("envoy     {}", stack.envoy_admin_url());
     println!("logs      {}", stack.log_dir().display());
     println!();

