@@ -417,6 +417,13 @@ pub async fn events(
             )));
         }
     }
+    // The hub must know its position first: it then broadcasts every entry after it, and
+    // this client's own position (below) is no older than the hub's.
+    if !state.hub.wait_ready(state.store.timeout() * 4).await {
+        return Err(AppError::Store(crate::store::StoreError::Timeout {
+            timeout_ms: u64::try_from((state.store.timeout() * 4).as_millis()).unwrap_or(0),
+        }));
+    }
     let rx = state.hub.subscribe();
     // Without a position, start at the stream's newest entry: only later events follow.
     let last = match last {

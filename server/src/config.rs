@@ -22,6 +22,31 @@ pub enum Command {
     /// Work with the filter's JSON configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Records through the admin API: list, show, purge, release.
+    Keys {
+        /// Server, token, output.
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::cli::KeysCommand,
+    },
+    /// Bulk purge by scope, route or key prefix: a dry-run count, then with --yes the
+    /// deletion.
+    Purge {
+        /// Server, token, output.
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+        /// The filter.
+        #[command(flatten)]
+        args: crate::cli::BulkArgs,
+    },
+    /// Counters of the last minute, hour and day.
+    Stats {
+        /// Server, token, output.
+        #[command(flatten)]
+        client: crate::cli::ClientArgs,
+    },
 }
 
 /// `idemgate-server config ...`

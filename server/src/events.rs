@@ -237,35 +237,51 @@ pub async fn read_newest(
 #[derive(Clone)]
 pub struct EventHub {
     tx: broadcast::Sender<Arc<Event>>,
+    ready: tokio::sync::watch::Receiver<bool>,
 }
 
 impl EventHub {
     /// Starts the poller; it stops when `stop` is cancelled.
     pub fn start(store: Store, metrics: Arc<Metrics>, stop: CancellationToken) -> Self {
         let (tx, _) = broadcast::channel(BROADCAST_CAPACITY);
-        tokio::spawn(poll_loop(store, tx.clone(), metrics, stop));
-        Self { tx }
+        let (ready_tx, ready) = tokio::sync::watch::channel(false);
+        tokio::spawn(poll_loop(store, tx.clone(), ready_tx, metrics, stop));
+        Self { tx, ready }
     }
 
     /// A receiver of every event read from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.tx.subscribe()
     }
+
+    /// Waits until the poller knows its position in the stream (it broadcasts every entry
+    /// after it), at most `limit`; `false` when it does not in time (Redis down).
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        let mut ready = self.ready.clone();
+        let waited =
+            tokio::time::timeout(limit, async move { ready.wait_for(|r| *r).await.is_ok() }).await;
+        waited.unwrap_or(false)
+    }
 }
 
 async fn poll_loop(
     store: Store,
     tx: broadcast::Sender<Arc<Event>>,
+    ready: tokio::sync::watch::Sender<bool>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {
     let mut last: Option<String> = None;
     let mut failing = false;
+    let mut first = true;
     loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(POLL_INTERVAL) => {}
+        if !first {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(POLL_INTERVAL) => {}
+            }
         }
+        first = false;
         let result = match &last {
             None => read_newest(&store, None, 1)
                 .await
@@ -282,6 +298,7 @@ async fn poll_loop(
                     tracing::info!("event reader: redis is back");
                     failing = false;
                 }
+                ready.send_if_modified(|r| !std::mem::replace(r, true));
                 for e in events {
                     last = Some(e.id.clone());
                     // No receivers is fine.

@@ -29,7 +29,15 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve(args) => {
+        Command::Keys { client, command } => {
+            cli_exit(idemgate_server::cli::keys(&client, command).await)
+        }
+        Command::Purge { client, args } => {
+            cli_exit(idemgate_server::cli::bulk(&client, args).await)
+        }
+        Command::Stats { client } => cli_exit(idemgate_server::cli::stats(&client).await),
+        Command::Serve(mut args) => {
+            args.admin_token = std::env::var("IDEMGATE_ADMIN_TOKEN").ok();
             let config = match args.validate() {
                 Ok(config) => config,
                 Err(err) => {
@@ -49,6 +57,16 @@ async fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn cli_exit(result: Result<(), idemgate_server::cli::CliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("idemgate-server: {err}");
+            ExitCode::FAILURE
         }
     }
 }
