@@ -214,7 +214,7 @@ fn run(client: &Client, stop: &AtomicBool, counts: &Arc<Mutex<StatusCounts>>) {
             // Malformed (too long) or missing key on a route that requires one (400).
             69..=72 => {
                 let mut req = client.post("/v1/payments").header("Authorization", tenant);
-                if roll % 2 == 0 {
+                if rng.below(2) == 0 {
                     req = req.header("Idempotency-Key", format!("\"{}\"", "x".repeat(300)));
                 }
                 let status = req
@@ -232,7 +232,7 @@ fn run(client: &Client, stop: &AtomicBool, counts: &Arc<Mutex<StatusCounts>>) {
             _ => {
                 let s = fresh("/v1/orders", "ord", &mut rng);
                 post(client, counts, &s, &[]);
-                if roll % 3 == 0 {
+                if rng.below(3) == 0 {
                     post(client, counts, &s, &[]);
                 }
             }

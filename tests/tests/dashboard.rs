@@ -20,8 +20,9 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use fantoccini::{Client, ClientBuilder, Locator};
 use idemgate_e2e::bins::find_on_path;
 use idemgate_e2e::process::Proc;
+use idemgate_e2e::traffic::Traffic;
 use idemgate_e2e::{
-    demo_filter_config, free_port, wait_until, workspace_root, Stack, StackOptions,
+    demo_filter_config, free_port, wait_until, workspace_root, Component, Stack, StackOptions,
 };
 use serde_json::json;
 
@@ -163,7 +164,7 @@ fn pay(stack: &Stack, key: &str) -> Result<idemgate_e2e::Reply> {
         .send()
 }
 
-async fn scenario(c: &Client, stack: &Stack, token: &str) -> Result<()> {
+async fn scenario(c: &Client, stack: &mut Stack, token: &str) -> Result<()> {
     let base = format!("{}/", stack.admin_url());
     let key = format!("dash-{}", std::process::id());
     let row = format!("tr[data-key=\"{key}\"]");
@@ -276,6 +277,27 @@ async fn scenario(c: &Client, stack: &Stack, token: &str) -> Result<()> {
     .await?;
     shot(c, "09-events").await?;
 
+    // The server restarts: the feed shows it reconnecting, then live again, resumes, and
+    // shows new events (without repeating old ones).
+    stack.stop(Component::Server);
+    find(c, "#conn-state[data-state=\"reconnecting\"]").await?;
+    shot(c, "10-events-reconnecting").await?;
+    stack.restart(Component::Server)?;
+    find(c, "#conn-state[data-state=\"live\"]").await?;
+    let key2 = format!("{key}-after-restart");
+    let r = pay(stack, &key2)?;
+    if r.status != 201 {
+        bail!("POST after the server restart answered {}: {}", r.status, r.text());
+    }
+    find(c, &format!("#events-table tr[data-kind=\"claimed\"][data-key=\"{key2}\"]")).await?;
+    let purged_rows = c
+        .find_all(Locator::Css(&format!("#events-table tr[data-kind=\"purged\"][data-key=\"{key}\"]")))
+        .await?
+        .len();
+    if purged_rows != 1 {
+        bail!("after the resume the feed shows the purge {purged_rows} times");
+    }
+
     // Bulk purge: the dry run counts before anything is deleted.
     for i in 0..3 {
         let r = pay(stack, &format!("bulk-{}-{i}", std::process::id()))?;
@@ -293,7 +315,7 @@ async fn scenario(c: &Client, stack: &Stack, token: &str) -> Result<()> {
     if matched != "3" {
         bail!("the dry run counted {matched:?}, expected 3");
     }
-    shot(c, "10-bulk-purge-dry-run").await?;
+    shot(c, "11-bulk-purge-dry-run").await?;
     click(c, "#bulk-purge").await?;
     find(c, "#confirm-dialog").await?;
     click(c, "#confirm-ok").await?;
@@ -301,15 +323,33 @@ async fn scenario(c: &Client, stack: &Stack, token: &str) -> Result<()> {
     if !result.contains("Purged 3") {
         bail!("bulk purge result: {result:?}");
     }
-    shot(c, "11-bulk-purge-done").await?;
+    shot(c, "12-bulk-purge-done").await?;
 
     // A narrow window still works.
     c.set_window_size(420, 900).await?;
     click(c, "header nav a[href=\"/keys\"]").await?;
     find(c, "#key-filters").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    shot(c, "12-keys-narrow").await?;
+    shot(c, "13-keys-narrow").await?;
     c.set_window_size(1280, 800).await?;
+
+    // With the demo traffic generator running, for the screenshots of a busy gateway.
+    let traffic = Traffic::start(stack.gateway_url());
+    click(c, "header nav a[href=\"/\"]").await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    shot(c, "14-overview-traffic").await?;
+    click(c, "header nav a[href=\"/keys\"]").await?;
+    find(c, "#keys-table").await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    shot(c, "15-keys-traffic").await?;
+    click(c, "header nav a[href=\"/events\"]").await?;
+    find(c, "#events-table").await?;
+    shot(c, "16-events-traffic").await?;
+    let counts = traffic.stop();
+    eprintln!("demo traffic answers by status: {counts:?}");
+    if !counts.contains_key(&201) {
+        bail!("the traffic generator got no 201 through the gateway: {counts:?}");
+    }
 
     // Sign out: back to the sign-in page.
     click(c, "#sign-out").await?;
@@ -317,7 +357,21 @@ async fn scenario(c: &Client, stack: &Stack, token: &str) -> Result<()> {
     Ok(())
 }
 
-async fn connect(driver_port: u16, chrome: &Path, profile: &Path) -> Result<Client> {
+/// A second session with a dark colour scheme: sign in and capture the overview.
+async fn dark(c: &Client, stack: &Stack, token: &str) -> Result<()> {
+    c.set_window_size(1280, 800).await?;
+    c.goto(&format!("{}/", stack.admin_url())).await?;
+    find(c, "#token").await?.send_keys(token).await?;
+    click(c, "#sign-in").await?;
+    find(c, "#counters").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    shot(c, "17-overview-dark").await?;
+    click(c, "header nav a[href=\"/events\"]").await?;
+    find(c, "#events-table").await?;
+    shot(c, "18-events-dark").await
+}
+
+async fn connect(driver_port: u16, chrome: &Path, profile: &Path, dark: bool) -> Result<Client> {
     let mut caps = serde_json::Map::new();
     caps.insert("browserName".into(), json!("chrome"));
     caps.insert(
@@ -332,6 +386,16 @@ async fn connect(driver_port: u16, chrome: &Path, profile: &Path) -> Result<Clie
             ]
         }),
     );
+    if dark {
+        if let Some(args) = caps
+            .get_mut("goog:chromeOptions")
+            .and_then(|o| o.get_mut("args"))
+            .and_then(|a| a.as_array_mut())
+        {
+            args.push(json!("--force-dark-mode"));
+            args.push(json!("--blink-settings=preferredColorScheme=0"));
+        }
+    }
     let connector = hyper_util::client::legacy::connect::HttpConnector::new();
     ClientBuilder::new(connector)
         .capabilities(caps)
@@ -368,7 +432,7 @@ fn dashboard_in_headless_chromium() {
     let token_file = work.join("admin-tokens");
     std::fs::write(&token_file, format!("admin {token}\n")).expect("token file");
 
-    let stack = Stack::start(StackOptions {
+    let mut stack = Stack::start(StackOptions {
         server_env: vec![
             (
                 "IDEMGATE_DASHBOARD_DIR".into(),
@@ -394,8 +458,20 @@ fn dashboard_in_headless_chromium() {
         .build()
         .expect("tokio runtime");
     let outcome: Result<()> = rt.block_on(async {
-        let c = connect(driver_port, &chrome, &browser.profile).await?;
-        let result = scenario(&c, &stack, &token).await;
+        let c = connect(driver_port, &chrome, &browser.profile, false).await?;
+        let mut result = scenario(&c, &mut stack, &token).await;
+        if result.is_ok() {
+            // The dark theme, in a second browser session (fresh profile state).
+            let _ = c.clone().close().await;
+            let d = connect(driver_port, &chrome, &browser.profile, true).await?;
+            result = dark(&d, &stack, &token).await;
+            if result.is_err() {
+                let _ = shot(&d, "failure-dark").await;
+            }
+            let closed = d.close().await;
+            result?;
+            return closed.map_err(|e| anyhow!("closing the browser session: {e}"));
+        }
         if result.is_err() {
             let _ = shot(&c, "failure").await;
             if let Ok(src) = c.source().await {

@@ -83,7 +83,7 @@ pub fn EventsPage() -> impl IntoView {
                     "Key contains "
                     <input type="text" id="events-key" prop:value=move || key_filter.get() on:input=move |ev| key_filter.set(event_target_value(&ev)) />
                 </label>
-                <button id="pause" class="btn" class:primary=move || paused.get() on:click=toggle_pause>
+                <button id="pause" class="btn small" class:primary=move || paused.get() on:click=toggle_pause>
                     {move || if paused.get() { "Resume" } else { "Pause" }}
                 </button>
                 <button class="btn small" on:click=move |_| {

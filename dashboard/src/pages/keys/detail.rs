@@ -180,6 +180,7 @@ fn DetailView(d: KeyDetail, ask: impl Fn(Action) + Copy + Send + Sync + 'static,
         None => view! { "–" }.into_any(),
     };
     view! {
+        <div class="detail-grid">
         <section class="card detail" id="key-detail" data-state=crate::format::state_name(s.state)>
             <div class="section-head">
                 <h2>"Record"</h2>
@@ -223,6 +224,7 @@ fn DetailView(d: KeyDetail, ask: impl Fn(Action) + Copy + Send + Sync + 'static,
                 }
             }}
         </section>
+        </div>
     }
 }
 

@@ -78,21 +78,19 @@ pub fn OverviewPage() -> impl IntoView {
 
     view! {
         <h1>"Overview"</h1>
-        <section class="cards">
-            <Transition fallback=|| view! { <Loading text="Checking the store…" /> }>
-                <ErrorBoundary fallback=|errors| view! { <ErrorPanel errors /> }>
-                    {move || Suspend::new(async move {
-                        let h = health.await?;
-                        Ok::<_, ApiError>(view! { <HealthCards health=h /> })
-                    })}
-                </ErrorBoundary>
-            </Transition>
-        </section>
         <Transition fallback=|| view! { <Loading text="Loading statistics…" /> }>
             <ErrorBoundary fallback=|errors| view! { <ErrorPanel errors /> }>
                 {move || Suspend::new(async move {
-                    let s = stats.await?;
-                    Ok::<_, ApiError>(view! { <StatsView stats=s win /> })
+                    // Health first: when Redis is down the stats may fail too, and the
+                    // store card says why.
+                    let h = health.await;
+                    let s = stats.await;
+                    let cards = match h {
+                        Ok(h) => view! { <HealthCards health=h /> }.into_any(),
+                        Err(e) => view! { <div class="card stat error">{e.to_string()}</div> }.into_any(),
+                    };
+                    let s = s?;
+                    Ok::<_, ApiError>(view! { <StatsView stats=s win cards /> })
                 })}
             </ErrorBoundary>
         </Transition>
@@ -112,22 +110,17 @@ fn HealthCards(health: Health) -> impl IntoView {
             <span class=if up { "value ok" } else { "value bad" }>{if up { "reachable" } else { "DOWN" }}</span>
             <span class="hint">
                 {if up {
-                    format!("PING {latency}")
+                    format!("PING {latency} · idemgate-server {}", health.version)
                 } else {
                     "Redis does not answer: requests on fail-closed routes get 503; check Redis and the server log.".to_owned()
                 }}
             </span>
         </div>
-        <div class="card stat">
-            <span class="label">"Server"</span>
-            <span class="value">{format!("v{}", health.version)}</span>
-            <span class="hint">"idemgate-server"</span>
-        </div>
     }
 }
 
 #[component]
-fn StatsView(stats: StatsResponse, win: RwSignal<Win>) -> impl IntoView {
+fn StatsView(stats: StatsResponse, win: RwSignal<Win>, cards: AnyView) -> impl IntoView {
     let in_flight = stats
         .in_flight_now
         .map(|n| n.to_string())
@@ -160,11 +153,15 @@ fn StatsView(stats: StatsResponse, win: RwSignal<Win>) -> impl IntoView {
         .iter()
         .map(|(_, w)| view! { <td class="num">{percent(w.replay_rate)}</td> })
         .collect_view();
+    let m = &stats.minute.totals;
+    let conflicts = (m.in_flight_conflicts + m.mismatches).to_string();
+    let conflict_hint = format!("{} in flight (409) · {} mismatched (422)", m.in_flight_conflicts, m.mismatches);
     let chart_stats = stats.clone();
     let window = Signal::derive(move || win.get().pick(&chart_stats));
     let generated = stats.generated_ms;
     view! {
         <section class="cards">
+            {cards}
             <div class="card stat" id="in-flight-now">
                 <span class="label">"Keys in flight now"</span>
                 <span class="value">{in_flight}</span>
@@ -175,27 +172,11 @@ fn StatsView(stats: StatsResponse, win: RwSignal<Win>) -> impl IntoView {
                 <span class="value">{percent(stats.minute.replay_rate)}</span>
                 <span class="hint">"replays / (replays + executions)"</span>
             </div>
-        </section>
-        <section class="card">
-            <h2>"Counters"</h2>
-            <div class="table-wrap">
-                <table id="counters" class="counters">
-                    <thead>
-                        <tr>
-                            <th></th>
-                            {header}
-                        </tr>
-                    </thead>
-                    <tbody>
-                        {rows}
-                        <tr class="rate">
-                            <th scope="row" title="replays / (replays + executions)">"Replay rate"</th>
-                            {rates}
-                        </tr>
-                    </tbody>
-                </table>
+            <div class="card stat" id="conflicts-minute">
+                <span class="label">"Conflicts, last minute"</span>
+                <span class="value">{conflicts}</span>
+                <span class="hint">{conflict_hint}</span>
             </div>
-            <p class="muted small">"Read at " <Time ms=generated /> "; refreshes every 3 s."</p>
         </section>
         <section class="card">
             <div class="section-head">
@@ -219,6 +200,27 @@ fn StatsView(stats: StatsResponse, win: RwSignal<Win>) -> impl IntoView {
                     <ConflictsChart window />
                 </figure>
             </div>
+        </section>
+        <section class="card">
+            <h2>"Counters"</h2>
+            <div class="table-wrap">
+                <table id="counters" class="counters">
+                    <thead>
+                        <tr>
+                            <th></th>
+                            {header}
+                        </tr>
+                    </thead>
+                    <tbody>
+                        {rows}
+                        <tr class="rate">
+                            <th scope="row" title="replays / (replays + executions)">"Replay rate"</th>
+                            {rates}
+                        </tr>
+                    </tbody>
+                </table>
+            </div>
+            <p class="muted small">"Read at " <Time ms=generated /> "; refreshes every 3 s."</p>
         </section>
     }
 }
