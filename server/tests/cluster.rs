@@ -1,0 +1,349 @@
+//! The server against a three-node Redis Cluster started by the test.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use idemgate_protocol::admin::{BulkPurgeOutcome, Event, KeyPage};
+use idemgate_protocol::ClaimOutcome;
+use idemgate_server::ServeArgs;
+use serde_json::{json, Value};
+
+/// Three masters, no replicas; killed on drop (logs printed when the test panics).
+struct Cluster {
+    ports: Vec<u16>,
+    dir: tempfile::TempDir,
+    children: Vec<Child>,
+}
+
+fn redis_cli_bin() -> PathBuf {
+    redis_server_bin().with_file_name("redis-cli")
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut cluster = Self {
+            ports: ports.clone(),
+            dir,
+            children: Vec::new(),
+        };
+        for p in &ports {
+            let node_dir = cluster.dir.path().join(p.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let child = Command::new(redis_server_bin())
+                .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes"])
+                .arg("--cluster-config-file")
+                .arg(node_dir.join("nodes.conf"))
+                .arg("--dir")
+                .arg(&node_dir)
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--logfile")
+                .arg(node_dir.join("redis.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            cluster.children.push(child);
+        }
+        for p in &ports {
+            cluster.wait(|| cli(*p, &["PING"]).contains("PONG"), "node PING");
+        }
+        let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
+        create.extend(ports.iter().map(|p| format!("127.0.0.1:{p}")));
+        create.extend(["--cluster-replicas", "0", "--cluster-yes"].map(str::to_owned));
+        let out = Command::new(redis_cli_bin())
+            .args(&create)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for p in &ports {
+            cluster.wait(
+                || cli(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"),
+                "cluster_state:ok",
+            );
+        }
+        cluster
+    }
+
+    fn wait(&self, ok: impl Fn() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok() {
+            assert!(Instant::now() < deadline, "cluster: no {what} in 20 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn url(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    Command::new(redis_cli_bin())
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            for p in &self.ports {
+                let log =
+                    std::fs::read_to_string(self.dir.path().join(p.to_string()).join("redis.log"))
+                        .unwrap_or_default();
+                eprintln!("----- redis cluster node {p} -----\n{log}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_admin_and_events_run_unchanged_on_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let (store_port, admin_port) = (free_port(), free_port());
+    let config = ServeArgs {
+        redis_url: cluster.url(),
+        store_listen: format!("127.0.0.1:{store_port}").parse().unwrap(),
+        admin_listen: format!("127.0.0.1:{admin_port}").parse().unwrap(),
+        redis_timeout_ms: 1000,
+        key_prefix: "cl".into(),
+        redis_cluster: true,
+        admin_token_file: None,
+        dashboard_dir: None,
+        admin_token: Some(TOKEN.into()),
+    }
+    .validate()
+    .unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(idemgate_server::serve(config, async {
+        let _ = stop_rx.await;
+    }));
+    let store = format!("http://127.0.0.1:{store_port}");
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ok = http
+            .get(format!("{store}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ok {
+            break;
+        }
+        assert!(Instant::now() < deadline, "server not ready on the cluster");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let get = |path: String| {
+        let http = http.clone();
+        let admin = admin.clone();
+        async move {
+            let r = http
+                .get(format!("{admin}{path}"))
+                .bearer_auth(TOKEN)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+            r.json::<Value>().await.unwrap()
+        }
+    };
+
+    // Claim / complete / replay on keys spread over the slots (and so the nodes).
+    let s = scope("cluster");
+    let n = 60;
+    for i in 0..n {
+        let key = format!("ck-{i}");
+        let r: ClaimOutcome = http
+            .post(format!("{store}/v1/claim"))
+            .json(&claim_body(&s, &key, &fp("c"), 60_000))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ClaimOutcome::Acquired { fencing_token } = r else {
+            panic!("{r:?}")
+        };
+        if i % 2 == 0 {
+            let r: Value = http
+                .post(format!("{store}/v1/complete"))
+                .json(&json!({
+                    "record": {"scope": s, "key": key},
+                    "fencing_token": fencing_token,
+                    "status": 200,
+                    "response": {"status": 200, "headers": [], "body": "aGk="},
+                    "ttl_s": 600,
+                }))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(r["outcome"], "completed");
+        }
+    }
+    let r: Value = http
+        .post(format!("{store}/v1/claim"))
+        .json(&claim_body(&s, "ck-0", &fp("c"), 60_000))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["outcome"], "replay");
+    // The records really are spread over the three masters.
+    let spread = cluster
+        .ports
+        .iter()
+        .filter(|p| cli(**p, &["DBSIZE"]).trim() != "0")
+        .count();
+    assert_eq!(spread, 3);
+
+    // Listing with pagination visits every node.
+    let mut seen = HashSet::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..100 {
+        let mut path = "/api/keys?limit=7".to_owned();
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let page: KeyPage = serde_json::from_value(get(path).await).unwrap();
+        for item in page.items {
+            assert!(seen.insert(item.key.clone()), "{} twice", item.key);
+        }
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), n);
+    let page: KeyPage =
+        serde_json::from_value(get("/api/keys?state=in_flight&limit=500".into()).await).unwrap();
+    assert_eq!(page.items.len(), n / 2);
+    let detail = get(format!("/api/keys/{s}/ck-0")).await;
+    assert_eq!(detail["response"]["body_preview"], "hi");
+    assert_eq!(detail["replays"], 1);
+
+    // Purge one, release one, then bulk purge the rest.
+    let r: Value = http
+        .delete(format!("{admin}/api/keys/{s}/ck-0"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r, json!({"purged": true}));
+    let r: Value = http
+        .post(format!("{admin}/api/keys/{s}/ck-1/release"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r, json!({"purged": true}));
+    let dry: BulkPurgeOutcome = http
+        .post(format!("{admin}/api/purge"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"prefix": "ck-", "dry_run": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let BulkPurgeOutcome::DryRun {
+        matched,
+        confirmation,
+        ..
+    } = dry
+    else {
+        panic!("{dry:?}")
+    };
+    assert_eq!(matched, n as u64 - 2);
+    let done: Value = http
+        .post(format!("{admin}/api/purge"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"prefix": "ck-", "dry_run": false, "confirmation": confirmation}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(done, json!({"mode": "purged", "purged": n - 2}));
+
+    // Events and stats went through the cluster too.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let events: Vec<Event> =
+            serde_json::from_value(get("/api/events/recent?limit=500".into()).await).unwrap();
+        let purged = events
+            .iter()
+            .filter(|e| e.kind == idemgate_protocol::admin::EventKind::Purged)
+            .count();
+        let claimed = events
+            .iter()
+            .filter(|e| e.kind == idemgate_protocol::admin::EventKind::Claimed)
+            .count();
+        if purged == 2 && claimed == n {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events: purged {purged}, claimed {claimed}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = get("/api/stats".into()).await;
+    assert_eq!(stats["hour"]["totals"]["claims"], n + 1);
+    assert_eq!(stats["hour"]["totals"]["replays"], 1);
+    assert_eq!(stats["hour"]["totals"]["purges"], n - 1);
+    let health = http
+        .get(format!("{admin}/api/health"))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(health["redis"], "up");
+
+    stop_tx.send(()).unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(5), server).await;
+    assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+}
