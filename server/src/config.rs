@@ -379,6 +379,64 @@ mod tests {
     }
 
     #[test]
+    fn admin_tokens_come_from_env_or_file_and_are_required_off_loopback() {
+        let mut a = args();
+        a.admin_listen = "0.0.0.0:8181".parse().unwrap();
+        let err = a.validate().unwrap_err().to_string();
+        assert!(err.contains("not a loopback address"), "{err}");
+        a.admin_token = Some("short".into());
+        assert!(matches!(a.validate(), Err(ConfigError::Tokens(_))));
+        a.admin_token = Some("a-long-enough-token-123".into());
+        assert_eq!(
+            a.validate()
+                .unwrap()
+                .tokens
+                .check("a-long-enough-token-123")
+                .as_deref(),
+            Some("admin")
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tokens");
+        std::fs::write(&file, "# ops\nalice alice-token-0123456789\n").unwrap();
+        let mut a = args();
+        a.admin_token_file = Some(file.clone());
+        let cfg = a.validate().unwrap();
+        assert_eq!(
+            cfg.tokens.check("alice-token-0123456789").as_deref(),
+            Some("alice")
+        );
+        std::fs::write(&file, "alice\n").unwrap();
+        let err = a.validate().unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
+        assert!(!err.contains("alice-token"), "{err}");
+        a.admin_token_file = Some(dir.path().join("absent"));
+        assert!(matches!(a.validate(), Err(ConfigError::Tokens(_))));
+
+        let mut a = args();
+        a.dashboard_dir = Some(dir.path().to_owned());
+        assert!(matches!(a.validate(), Err(ConfigError::DashboardDir(_))));
+        std::fs::write(dir.path().join("index.html"), "<html>").unwrap();
+        assert!(a.validate().is_ok());
+    }
+
+    #[test]
+    fn cluster_urls_are_comma_separated_seeds() {
+        let mut a = args();
+        a.redis_cluster = true;
+        a.redis_url = "redis://127.0.0.1:7000, rediss://127.0.0.1:7001".into();
+        match a.validate().unwrap().redis {
+            RedisSpec::Cluster(seeds) => assert_eq!(seeds.len(), 2),
+            RedisSpec::Single(_) => panic!("expected a cluster"),
+        }
+        a.redis_url = "redis://127.0.0.1:7000,http://x".into();
+        assert!(matches!(a.validate(), Err(ConfigError::RedisUrl { .. })));
+        let mut a = args();
+        a.redis_url = "rediss://user:pw@redis.example:6380".into();
+        assert!(a.validate().is_ok(), "TLS URLs are supported");
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         assert_eq!(
             redact_url("redis://u:secret@host:6379/0"),

@@ -574,3 +574,42 @@ async fn admin_api_answers_503_while_redis_is_down_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test]
+async fn openapi_document_and_dashboard_files() {
+    let redis = RedisServer::start();
+    let (_, admin) = apps(&redis.url());
+    let r = admin_get(&admin, "/api/openapi.json").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let doc = r.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/api/keys",
+        "/api/keys/{scope}/{key}",
+        "/api/purge",
+        "/api/events",
+        "/api/stats",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} missing");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("index.html"), "<html>dashboard</html>").unwrap();
+    std::fs::write(dir.path().join("app.js"), "console.log(1)").unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let store = idemgate_server::Store::new(client, PREFIX, Duration::from_millis(500)).unwrap();
+    let state = idemgate_server::AppState::new(store, idemgate_server::AdminTokens::none())
+        .unwrap()
+        .with_dashboard_dir(Some(dir.path().to_owned()));
+    let app = idemgate_server::admin_app(state);
+    let r = send(&app, "GET", "/app.js", "").await;
+    assert_eq!(String::from_utf8(r.body).unwrap(), "console.log(1)");
+    // Client-side routes fall back to index.html; /api stays the API.
+    let r = send(&app, "GET", "/keys/global/abc", "").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(String::from_utf8(r.body).unwrap(), "<html>dashboard</html>");
+    let r = send(&app, "GET", "/api/keys", "").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    let r = send(&app, "GET", "/api/health", "").await;
+    assert_eq!(r.json()["redis"], "up");
+}
