@@ -178,8 +178,10 @@ fn KeyTable(page: KeyPage, cursors: RwSignal<Vec<String>>, filtered: Signal<bool
         }
         .into_any();
     }
-    let rows = page
-        .items
+    // The server pages in store order; within a page, newest first keeps rows steady.
+    let mut items = page.items;
+    items.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| a.key.cmp(&b.key)));
+    let rows = items
         .into_iter()
         .map(|k| view! { <KeyRow k now /> })
         .collect_view();
