@@ -41,7 +41,9 @@ pub enum ApiError {
     #[error("Cannot reach the idemgate server ({0}). Check that it is running; this page retries on its own.")]
     Network(String),
     /// The answer was not what this dashboard expects.
-    #[error("Unexpected answer from the server ({0}). Is the dashboard the same version as the server?")]
+    #[error(
+        "Unexpected answer from the server ({0}). Is the dashboard the same version as the server?"
+    )]
     Decode(String),
 }
 
@@ -175,10 +177,13 @@ impl Api {
     /// # Errors
     /// [`ApiError::Unauthorized`] for a wrong token, or why the server could not be asked.
     pub async fn check_token(&self, token: &str) -> Result<(), ApiError> {
-        let path = format!("/api/keys{}", keys_query(&KeyListQuery {
-            limit: Some(1),
-            ..KeyListQuery::default()
-        }));
+        let path = format!(
+            "/api/keys{}",
+            keys_query(&KeyListQuery {
+                limit: Some(1),
+                ..KeyListQuery::default()
+            })
+        );
         self.exec::<KeyPage>(
             self.authorize(Request::get(&path), Some(token)).build(),
             true,

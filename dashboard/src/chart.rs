@@ -45,7 +45,11 @@ fn slot_centre(i: usize, n: usize, width: f64) -> f64 {
 /// slot; a `None` breaks the line (the next value starts a new `M`). Values above `max` are
 /// clamped. Empty when there is nothing to draw.
 pub fn line_path(values: &[Option<f64>], max: f64, width: f64, height: f64) -> String {
-    let max = if max > 0.0 && max.is_finite() { max } else { 1.0 };
+    let max = if max > 0.0 && max.is_finite() {
+        max
+    } else {
+        1.0
+    };
     let mut out = String::new();
     let mut pen_down = false;
     for (i, v) in values.iter().enumerate() {
@@ -53,7 +57,13 @@ pub fn line_path(values: &[Option<f64>], max: f64, width: f64, height: f64) -> S
             Some(v) if v.is_finite() => {
                 let x = slot_centre(i, values.len(), width);
                 let y = height - (v.clamp(0.0, max) / max) * height;
-                out.push_str(if pen_down { " L" } else if out.is_empty() { "M" } else { " M" });
+                out.push_str(if pen_down {
+                    " L"
+                } else if out.is_empty() {
+                    "M"
+                } else {
+                    " M"
+                });
                 out.push_str(&format!("{x:.1} {y:.1}"));
                 pen_down = true;
             }
@@ -66,7 +76,11 @@ pub fn line_path(values: &[Option<f64>], max: f64, width: f64, height: f64) -> S
 /// Bars for `values` scaled to `0..=max`, one per slot with a small gap; zero values get no
 /// bar.
 pub fn bars(values: &[u64], max: f64, width: f64, height: f64) -> Vec<(usize, Bar)> {
-    let max = if max > 0.0 && max.is_finite() { max } else { 1.0 };
+    let max = if max > 0.0 && max.is_finite() {
+        max
+    } else {
+        1.0
+    };
     let n = values.len();
     if n == 0 {
         return Vec::new();
@@ -101,7 +115,11 @@ pub fn stacked_bars(
     width: f64,
     height: f64,
 ) -> Vec<(usize, Option<Bar>, Option<Bar>)> {
-    let max = if max > 0.0 && max.is_finite() { max } else { 1.0 };
+    let max = if max > 0.0 && max.is_finite() {
+        max
+    } else {
+        1.0
+    };
     let n = lower.len().max(upper.len());
     if n == 0 {
         return Vec::new();

@@ -239,7 +239,10 @@ mod tests {
     fn query_string_skips_empty_values() {
         assert_eq!(query_string(&[("a", None), ("b", Some(String::new()))]), "");
         assert_eq!(
-            query_string(&[("state", Some("in_flight".into())), ("prefix", Some("a b".into()))]),
+            query_string(&[
+                ("state", Some("in_flight".into())),
+                ("prefix", Some("a b".into()))
+            ]),
             "?state=in_flight&prefix=a%20b"
         );
     }
@@ -287,8 +290,7 @@ mod tests {
         assert_eq!(kind_name(EventKind::FailOpen), "fail_open");
         for kind in ALL_KINDS {
             let name = kind_name(kind);
-            let back: EventKind =
-                serde_json::from_value(serde_json::Value::String(name)).unwrap();
+            let back: EventKind = serde_json::from_value(serde_json::Value::String(name)).unwrap();
             assert_eq!(back, kind);
         }
         assert_eq!(parse_state("in_flight"), Some(KeyState::InFlight));

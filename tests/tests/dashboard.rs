@@ -287,11 +287,21 @@ async fn scenario(c: &Client, stack: &mut Stack, token: &str) -> Result<()> {
     let key2 = format!("{key}-after-restart");
     let r = pay(stack, &key2)?;
     if r.status != 201 {
-        bail!("POST after the server restart answered {}: {}", r.status, r.text());
+        bail!(
+            "POST after the server restart answered {}: {}",
+            r.status,
+            r.text()
+        );
     }
-    find(c, &format!("#events-table tr[data-kind=\"claimed\"][data-key=\"{key2}\"]")).await?;
+    find(
+        c,
+        &format!("#events-table tr[data-kind=\"claimed\"][data-key=\"{key2}\"]"),
+    )
+    .await?;
     let purged_rows = c
-        .find_all(Locator::Css(&format!("#events-table tr[data-kind=\"purged\"][data-key=\"{key}\"]")))
+        .find_all(Locator::Css(&format!(
+            "#events-table tr[data-kind=\"purged\"][data-key=\"{key}\"]"
+        )))
         .await?
         .len();
     if purged_rows != 1 {

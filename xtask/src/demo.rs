@@ -80,8 +80,14 @@ pub fn run(args: &Args) -> Result<ExitCode> {
         // The server reads IDEMGATE_DASHBOARD_DIR (--dashboard-dir) and
         // IDEMGATE_ADMIN_TOKEN_FILE (--admin-token-file, lines `label token`).
         server_env: vec![
-            ("IDEMGATE_DASHBOARD_DIR".into(), dashboard.display().to_string()),
-            ("IDEMGATE_ADMIN_TOKEN_FILE".into(), token_file.display().to_string()),
+            (
+                "IDEMGATE_DASHBOARD_DIR".into(),
+                dashboard.display().to_string(),
+            ),
+            (
+                "IDEMGATE_ADMIN_TOKEN_FILE".into(),
+                token_file.display().to_string(),
+            ),
         ],
         ..StackOptions::demo()
     };
@@ -120,7 +126,10 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     if let Some(t) = traffic {
         let counts = t.stop();
         let summary: Vec<String> = counts.iter().map(|(s, n)| format!("{s}: {n}")).collect();
-        eprintln!("xtask demo: demo traffic answers by status: {}", summary.join(", "));
+        eprintln!(
+            "xtask demo: demo traffic answers by status: {}",
+            summary.join(", ")
+        );
     }
     drop(stack);
     Ok(code)
@@ -130,8 +139,11 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 /// `--admin-token-file`. Outside `target/demo/`, which the stack truncates at start.
 fn write_token_file(token: &str) -> Result<std::path::PathBuf> {
     let path = idemgate_e2e::workspace_root().join("target/demo-admin-tokens");
-    std::fs::write(&path, format!("# written by cargo xtask demo\nadmin {token}\n"))
-        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(
+        &path,
+        format!("# written by cargo xtask demo\nadmin {token}\n"),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;

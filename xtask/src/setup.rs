@@ -224,14 +224,24 @@ fn wasm_bindgen_cli() -> Result<()> {
         .as_deref()
         .is_some_and(|v| v.split_whitespace().nth(1) == Some(want.as_str()))
     {
-        println!("setup: wasm-bindgen-cli {want} already installed ({})", bin.display());
+        println!(
+            "setup: wasm-bindgen-cli {want} already installed ({})",
+            bin.display()
+        );
         return Ok(());
     }
     let tools = root.join(".tools");
     let install = |locked: bool| {
         let mut cmd = crate::util::cargo();
-        cmd.args(["install", "wasm-bindgen-cli", "--version", &want, "--force", "--root"])
-            .arg(&tools);
+        cmd.args([
+            "install",
+            "wasm-bindgen-cli",
+            "--version",
+            &want,
+            "--force",
+            "--root",
+        ])
+        .arg(&tools);
         if locked {
             cmd.arg("--locked");
         }
@@ -249,7 +259,10 @@ fn wasm_bindgen_cli() -> Result<()> {
             )
         })?;
     }
-    println!("setup: wasm-bindgen-cli {want} installed ({})", bin.display());
+    println!(
+        "setup: wasm-bindgen-cli {want} installed ({})",
+        bin.display()
+    );
     Ok(())
 }
 
@@ -267,7 +280,11 @@ pub fn find_chromium() -> Option<(PathBuf, PathBuf)> {
 /// IDEMGATE_REQUIRE_BROWSER=1 with its own message.
 fn chromium() {
     if let Some((b, d)) = find_chromium() {
-        println!("setup: chromium and chromedriver already installed ({}, {})", b.display(), d.display());
+        println!(
+            "setup: chromium and chromedriver already installed ({}, {})",
+            b.display(),
+            d.display()
+        );
         return;
     }
     let by_hand = "to do it by hand: `sudo apt-get update && sudo apt-get install -y chromium chromium-driver`";

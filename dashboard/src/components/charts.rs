@@ -19,10 +19,10 @@ fn view_box() -> String {
 /// X-axis labels: the first bucket's start and the window's end, local time.
 fn x_labels(window: &StatsWindow) -> (String, String) {
     let first = window.series.first().map(|b| b.start_ms);
-    let last = window
-        .series
-        .last()
-        .map(|b| b.start_ms.saturating_add(window.bucket_s.saturating_mul(1000)));
+    let last = window.series.last().map(|b| {
+        b.start_ms
+            .saturating_add(window.bucket_s.saturating_mul(1000))
+    });
     (
         first.map(local_time).unwrap_or_default(),
         last.map(local_time).unwrap_or_default(),
@@ -38,7 +38,8 @@ pub fn ReplayRateChart(
 ) -> impl IntoView {
     let path = move || {
         window.with(|w| {
-            let values: Vec<Option<f64>> = w.series.iter().map(|b| replay_rate(&b.counts)).collect();
+            let values: Vec<Option<f64>> =
+                w.series.iter().map(|b| replay_rate(&b.counts)).collect();
             line_path(&values, 1.0, W, H)
         })
     };
@@ -79,7 +80,11 @@ pub fn ConflictsChart(
 ) -> impl IntoView {
     let geometry = move || {
         window.with(|w| {
-            let lower: Vec<u64> = w.series.iter().map(|b| b.counts.in_flight_conflicts).collect();
+            let lower: Vec<u64> = w
+                .series
+                .iter()
+                .map(|b| b.counts.in_flight_conflicts)
+                .collect();
             let upper: Vec<u64> = w.series.iter().map(|b| b.counts.mismatches).collect();
             let peak = lower
                 .iter()

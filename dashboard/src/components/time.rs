@@ -91,7 +91,9 @@ impl Clock {
     /// Starts the clock (once, in the app root).
     pub fn start() -> Self {
         let now = RwSignal::new(now_ms());
-        if let Ok(handle) = set_interval_with_handle(move || now.set(now_ms()), Duration::from_secs(1)) {
+        if let Ok(handle) =
+            set_interval_with_handle(move || now.set(now_ms()), Duration::from_secs(1))
+        {
             on_cleanup(move || handle.clear());
         }
         Self(now)

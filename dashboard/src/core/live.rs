@@ -230,7 +230,8 @@ impl Live {
                     Err(_) => self.bad_events.update(|n| *n += 1),
                 }
             });
-            let _ = source.add_event_listener_with_callback(&name, on_event.as_ref().unchecked_ref());
+            let _ =
+                source.add_event_listener_with_callback(&name, on_event.as_ref().unchecked_ref());
             listeners.push(on_event);
         }
         CONN.with(|c| {

@@ -43,7 +43,8 @@ pub fn EventsPage() -> impl IntoView {
         if paused.get() {
             frozen.with(|f| f.iter().filter(keep).cloned().collect::<Vec<_>>())
         } else {
-            live.events.with(|f| f.iter().filter(keep).cloned().collect::<Vec<_>>())
+            live.events
+                .with(|f| f.iter().filter(keep).cloned().collect::<Vec<_>>())
         }
     };
     let chips = ALL_KINDS

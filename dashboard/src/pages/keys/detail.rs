@@ -45,7 +45,9 @@ pub fn KeyDetailPage() -> impl IntoView {
         let mine = live.latest.with(|e| {
             e.as_ref().is_some_and(|e| {
                 e.key.as_deref() == Some(key.get_untracked().as_str())
-                    && e.scope.as_deref().is_none_or(|s| s == scope.get_untracked())
+                    && e.scope
+                        .as_deref()
+                        .is_none_or(|s| s == scope.get_untracked())
             })
         });
         if mine {
@@ -77,7 +79,8 @@ pub fn KeyDetailPage() -> impl IntoView {
         Action::Purge => "Purge this key?".to_owned(),
         Action::Release => "Release this lock?".to_owned(),
     });
-    let message = Signal::derive(move || match action.get() {
+    let message = Signal::derive(move || {
+        match action.get() {
         Action::Purge => format!(
             "Purge key \"{}\" (scope {})? Its record and stored response are deleted; the next request with this key executes again.",
             key.get(),
@@ -88,6 +91,7 @@ pub fn KeyDetailPage() -> impl IntoView {
             key.get(),
             scope.get()
         ),
+    }
     });
     let confirm_label = Signal::derive(move || match action.get() {
         Action::Purge => format!("Purge {}", key.get()),
@@ -169,12 +173,19 @@ pub fn KeyDetailPage() -> impl IntoView {
 }
 
 #[component]
-fn DetailView(d: KeyDetail, ask: impl Fn(Action) + Copy + Send + Sync + 'static, busy: RwSignal<bool>) -> impl IntoView {
+fn DetailView(
+    d: KeyDetail,
+    ask: impl Fn(Action) + Copy + Send + Sync + 'static,
+    busy: RwSignal<bool>,
+) -> impl IntoView {
     let now = use_now();
     let s = d.summary.clone();
     let in_flight = s.state == KeyState::InFlight;
     let expires = s.expires_ms;
-    let status = s.status.map(|v| v.to_string()).unwrap_or_else(|| "–".to_owned());
+    let status = s
+        .status
+        .map(|v| v.to_string())
+        .unwrap_or_else(|| "–".to_owned());
     let opt_time = |ms: Option<u64>| match ms {
         Some(ms) => view! { <Time ms /> }.into_any(),
         None => view! { "–" }.into_any(),
@@ -236,7 +247,10 @@ fn ResponseView(r: ResponsePreview) -> impl IntoView {
         .map(|(n, v)| view! { <tr><th class="mono">{n.clone()}</th><td class="mono wrap">{v.clone()}</td></tr> })
         .collect_view();
     let note = match (r.body_preview_base64, r.truncated) {
-        (true, true) => format!("binary, base64 of the first bytes of {}", bytes(r.body_bytes)),
+        (true, true) => format!(
+            "binary, base64 of the first bytes of {}",
+            bytes(r.body_bytes)
+        ),
         (true, false) => format!("binary, base64, {}", bytes(r.body_bytes)),
         (false, true) => format!("first bytes of {}", bytes(r.body_bytes)),
         (false, false) => bytes(r.body_bytes),

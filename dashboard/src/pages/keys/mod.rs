@@ -68,7 +68,10 @@ pub fn KeysPage() -> impl IntoView {
     let refresh = throttled(tick);
     // Any event about a key may change a row or add one: refresh (throttled).
     Effect::new(move |_| {
-        if live.latest.with(|e| e.as_ref().is_some_and(|e| e.key.is_some())) {
+        if live
+            .latest
+            .with(|e| e.as_ref().is_some_and(|e| e.key.is_some()))
+        {
             refresh();
         }
     });
@@ -159,14 +162,21 @@ pub fn KeysPage() -> impl IntoView {
 }
 
 #[component]
-fn KeyTable(page: KeyPage, cursors: RwSignal<Vec<String>>, filtered: Signal<bool>) -> impl IntoView {
+fn KeyTable(
+    page: KeyPage,
+    cursors: RwSignal<Vec<String>>,
+    filtered: Signal<bool>,
+) -> impl IntoView {
     let now = use_now();
     let next = page.next_cursor.clone();
     let has_prev = cursors.with_untracked(|c| !c.is_empty());
     let page_no = cursors.with_untracked(Vec::len) + 1;
     if page.items.is_empty() {
         let (title, hint) = if filtered.get_untracked() {
-            ("No record matches these filters.", "Clear the filters, or widen them (a key prefix is case-sensitive).")
+            (
+                "No record matches these filters.",
+                "Clear the filters, or widen them (a key prefix is case-sensitive).",
+            )
         } else if has_prev {
             ("This page is empty.", "Go back to the previous page.")
         } else {
@@ -180,7 +190,11 @@ fn KeyTable(page: KeyPage, cursors: RwSignal<Vec<String>>, filtered: Signal<bool
     }
     // The server pages in store order; within a page, newest first keeps rows steady.
     let mut items = page.items;
-    items.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then_with(|| a.key.cmp(&b.key)));
+    items.sort_by(|a, b| {
+        b.created_ms
+            .cmp(&a.created_ms)
+            .then_with(|| a.key.cmp(&b.key))
+    });
     let rows = items
         .into_iter()
         .map(|k| view! { <KeyRow k now /> })
@@ -212,7 +226,10 @@ fn KeyTable(page: KeyPage, cursors: RwSignal<Vec<String>>, filtered: Signal<bool
 fn KeyRow(k: KeySummary, now: RwSignal<u64>) -> impl IntoView {
     let href = detail_href(&k.scope, &k.key);
     let expires = k.expires_ms;
-    let status = k.status.map(|s| s.to_string()).unwrap_or_else(|| "–".to_owned());
+    let status = k
+        .status
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "–".to_owned());
     let key_text = k.key.clone();
     view! {
         <tr data-key=k.key.clone() data-scope=k.scope.clone()>
@@ -232,7 +249,12 @@ fn KeyRow(k: KeySummary, now: RwSignal<u64>) -> impl IntoView {
 }
 
 #[component]
-fn Pager(has_prev: bool, next: Option<String>, cursors: RwSignal<Vec<String>>, page_no: usize) -> impl IntoView {
+fn Pager(
+    has_prev: bool,
+    next: Option<String>,
+    cursors: RwSignal<Vec<String>>,
+    page_no: usize,
+) -> impl IntoView {
     let has_next = next.is_some();
     view! {
         <div class="pager">

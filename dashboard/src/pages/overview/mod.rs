@@ -19,15 +19,39 @@ pub const REFRESH_MS: u64 = 3_000;
 type Row = (&'static str, &'static str, fn(&Counters) -> u64);
 
 const ROWS: [Row; 9] = [
-    ("Executions", "claims that ran the upstream", |c| c.executions),
-    ("Replays", "stored responses replayed to retries", |c| c.replays),
-    ("In-flight conflicts", "409: the key was still executing", |c| c.in_flight_conflicts),
-    ("Mismatches", "422: the key was reused with another request", |c| c.mismatches),
-    ("Rejections", "400/401/413: missing or malformed key, body too large", |c| c.rejections),
-    ("Expirations", "records or locks that expired", |c| c.expirations),
+    ("Executions", "claims that ran the upstream", |c| {
+        c.executions
+    }),
+    ("Replays", "stored responses replayed to retries", |c| {
+        c.replays
+    }),
+    (
+        "In-flight conflicts",
+        "409: the key was still executing",
+        |c| c.in_flight_conflicts,
+    ),
+    (
+        "Mismatches",
+        "422: the key was reused with another request",
+        |c| c.mismatches,
+    ),
+    (
+        "Rejections",
+        "400/401/413: missing or malformed key, body too large",
+        |c| c.rejections,
+    ),
+    ("Expirations", "records or locks that expired", |c| {
+        c.expirations
+    }),
     ("Purges", "records purged by operators", |c| c.purges),
-    ("Store errors", "store calls that failed", |c| c.store_errors),
-    ("Fail-open passes", "forwarded unprotected because the store failed", |c| c.fail_open_passes),
+    ("Store errors", "store calls that failed", |c| {
+        c.store_errors
+    }),
+    (
+        "Fail-open passes",
+        "forwarded unprotected because the store failed",
+        |c| c.fail_open_passes,
+    ),
 ];
 
 /// Which window the charts show.
@@ -155,7 +179,10 @@ fn StatsView(stats: StatsResponse, win: RwSignal<Win>, cards: AnyView) -> impl I
         .collect_view();
     let m = &stats.minute.totals;
     let conflicts = (m.in_flight_conflicts + m.mismatches).to_string();
-    let conflict_hint = format!("{} in flight (409) · {} mismatched (422)", m.in_flight_conflicts, m.mismatches);
+    let conflict_hint = format!(
+        "{} in flight (409) · {} mismatched (422)",
+        m.in_flight_conflicts, m.mismatches
+    );
     let chart_stats = stats.clone();
     let window = Signal::derive(move || win.get().pick(&chart_stats));
     let generated = stats.generated_ms;

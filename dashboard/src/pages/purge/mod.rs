@@ -68,7 +68,9 @@ pub fn BulkPurgePage() -> impl IntoView {
         error.set(None);
         result.set(None);
         if f.scope.is_none() && f.route.is_none() && f.prefix.is_none() {
-            error.set(Some("Give at least one of scope, route or key prefix.".to_owned()));
+            error.set(Some(
+                "Give at least one of scope, route or key prefix.".to_owned(),
+            ));
             return;
         }
         busy.set(true);
@@ -76,11 +78,22 @@ pub fn BulkPurgePage() -> impl IntoView {
             let r = api.bulk_purge(&f).await;
             let _ = busy.try_set(false);
             match r {
-                Ok(BulkPurgeOutcome::DryRun { matched, confirmation, .. }) => {
-                    let _ = dry.try_set(Some(DryRun { filter: f, matched, confirmation }));
+                Ok(BulkPurgeOutcome::DryRun {
+                    matched,
+                    confirmation,
+                    ..
+                }) => {
+                    let _ = dry.try_set(Some(DryRun {
+                        filter: f,
+                        matched,
+                        confirmation,
+                    }));
                 }
                 Ok(BulkPurgeOutcome::Purged { .. }) => {
-                    let _ = error.try_set(Some("The server purged instead of counting; check the server version.".to_owned()));
+                    let _ = error.try_set(Some(
+                        "The server purged instead of counting; check the server version."
+                            .to_owned(),
+                    ));
                 }
                 Err(e) => {
                     let _ = error.try_set(Some(e.to_string()));
@@ -105,13 +118,20 @@ pub fn BulkPurgePage() -> impl IntoView {
             let _ = dry.try_set(None);
             match r {
                 Ok(BulkPurgeOutcome::Purged { purged }) => {
-                    let _ = result.try_set(Some(format!("Purged {purged} records matching {}.", describe(&d.filter))));
+                    let _ = result.try_set(Some(format!(
+                        "Purged {purged} records matching {}.",
+                        describe(&d.filter)
+                    )));
                 }
                 Ok(BulkPurgeOutcome::DryRun { .. }) => {
-                    let _ = error.try_set(Some("The server only counted; run the count again.".to_owned()));
+                    let _ = error.try_set(Some(
+                        "The server only counted; run the count again.".to_owned(),
+                    ));
                 }
                 Err(e) => {
-                    let _ = error.try_set(Some(format!("{e} Run the count again: the confirmation may have expired.")));
+                    let _ = error.try_set(Some(format!(
+                        "{e} Run the count again: the confirmation may have expired."
+                    )));
                 }
             }
         });
@@ -123,9 +143,16 @@ pub fn BulkPurgePage() -> impl IntoView {
             .map(|d| format!("Delete {} records matching {}? Their next requests execute again. This cannot be undone.", d.matched, describe(&d.filter)))
             .unwrap_or_default()
     });
-    let confirm_label = Signal::derive(move || dry.get().map(|d| format!("Purge {} records", d.matched)).unwrap_or_default());
+    let confirm_label = Signal::derive(move || {
+        dry.get()
+            .map(|d| format!("Purge {} records", d.matched))
+            .unwrap_or_default()
+    });
 
-    let field = move |id: &'static str, label: &'static str, hint: &'static str, sig: RwSignal<String>| {
+    let field = move |id: &'static str,
+                      label: &'static str,
+                      hint: &'static str,
+                      sig: RwSignal<String>| {
         view! {
             <label>
                 {label}
