@@ -212,8 +212,16 @@ fn key_path(scope: &str, key: &str) -> String {
     )
 }
 
+/// Prints a line to stdout, ignoring a closed pipe (`| head`).
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 fn print_json(v: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    out!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
 fn time(ms: u64) -> String {
@@ -348,8 +356,8 @@ pub async fn keys(client: &ClientArgs, cmd: KeysCommand) -> Result<(), CliError>
             if client.json {
                 print_json(&items);
             } else {
-                println!("{}", keys_table(&items));
-                println!(
+                out!("{}", keys_table(&items));
+                out!(
                     "{} record(s){}",
                     items.len(),
                     if complete {
@@ -449,7 +457,7 @@ fn print_detail(d: &KeyDetail) {
         );
         add("preview", r.body_preview.clone());
     }
-    println!("{t}");
+    out!("{t}");
 }
 
 /// `keys purge` / `keys release`: one record.
@@ -476,11 +484,11 @@ pub async fn one(
     if client.json {
         print_json(&out);
     } else if out.purged {
-        println!("{verb} {key}");
+        out!("{verb} {key}");
     } else if release {
-        println!("nothing released: {key} is absent or not in flight");
+        out!("nothing released: {key} is absent or not in flight");
     } else {
-        println!("nothing purged: {key} is absent");
+        out!("nothing purged: {key} is absent");
     }
     Ok(())
 }
@@ -513,7 +521,7 @@ pub async fn bulk(client: &ClientArgs, a: BulkArgs) -> Result<(), CliError> {
         if client.json {
             print_json(&dry);
         } else {
-            println!("{matched} record(s) match; run again with --yes to delete them");
+            out!("{matched} record(s) match; run again with --yes to delete them");
         }
         return Ok(());
     }
@@ -525,7 +533,7 @@ pub async fn bulk(client: &ClientArgs, a: BulkArgs) -> Result<(), CliError> {
     if client.json {
         print_json(&done);
     } else if let BulkPurgeOutcome::Purged { purged } = done {
-        println!("purged {purged} record(s) ({matched} matched the dry run)");
+        out!("purged {purged} record(s) ({matched} matched the dry run)");
     }
     Ok(())
 }
@@ -542,9 +550,9 @@ pub async fn stats(client: &ClientArgs) -> Result<(), CliError> {
     if client.json {
         print_json(&s);
     } else {
-        println!("{}", stats_table(&s));
+        out!("{}", stats_table(&s));
         if let Some(n) = s.in_flight_now {
-            println!("in flight now: {n}");
+            out!("in flight now: {n}");
         }
     }
     Ok(())

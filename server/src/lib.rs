@@ -116,18 +116,26 @@ impl Drop for AppState {
     }
 }
 
-/// Request tracing at DEBUG; failures are not logged here because [`AppError`] logs each
-/// one once, with its cause.
+/// Request tracing at DEBUG, with the path only: query strings are never logged (the
+/// SSE endpoint takes the admin token as `?access_token=`). Failures are not logged here
+/// because [`AppError`] logs each one once, with its cause.
+type MakeSpan = fn(&axum::http::Request<axum::body::Body>) -> tracing::Span;
+
 fn trace_layer() -> TraceLayer<
     tower_http::classify::SharedClassifier<tower_http::classify::ServerErrorsAsFailures>,
-    tower_http::trace::DefaultMakeSpan,
+    MakeSpan,
     tower_http::trace::DefaultOnRequest,
     tower_http::trace::DefaultOnResponse,
     tower_http::trace::DefaultOnBodyChunk,
     tower_http::trace::DefaultOnEos,
     (),
 > {
-    TraceLayer::new_for_http().on_failure(())
+    fn span(req: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+        tracing::debug_span!("request", method = %req.method(), path = %req.uri().path())
+    }
+    TraceLayer::new_for_http()
+        .make_span_with(span as MakeSpan)
+        .on_failure(())
 }
 
 async fn not_found(uri: Uri) -> AppError {
