@@ -63,8 +63,9 @@ pub enum ConfigCommand {
 /// Flags of `serve`; each also reads an environment variable.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
-    /// Redis URL: redis://[user:password@]host:port[/db], rediss://... (TLS) or
-    /// redis+unix:///path. With --redis-cluster: comma-separated seed node URLs of a Redis
+    /// Redis URL: redis://[user:password@]host:port[/db], rediss://... (TLS, verified
+    /// against the system's CA store; `rediss://host:port/#insecure` skips verification,
+    /// for tests only) or redis+unix:///path. With --redis-cluster: comma-separated seed node URLs of a Redis
     /// Cluster (redis:// or rediss://).
     #[arg(
         long,
