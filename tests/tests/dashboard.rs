@@ -221,6 +221,18 @@ async fn scenario(c: &Client, stack: &mut Stack, token: &str) -> Result<()> {
     .await?;
     shot(c, "05-keys-replayed").await?;
 
+    // Clicking the row's scope filters by it; the URL carries the filter.
+    click(c, &format!("{row} td.mono button")).await?;
+    eventually("the scope filter reaches the URL", || async {
+        Ok(c.current_url()
+            .await?
+            .query()
+            .is_some_and(|q| q.contains("scope="))
+            .then_some(()))
+    })
+    .await?;
+    find(c, &row).await?;
+
     // Overview (after the traffic above, so its counters and charts have data).
     click(c, "header nav a[href=\"/\"]").await?;
     find(c, "#chart-replay-rate").await?;

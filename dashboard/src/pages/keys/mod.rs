@@ -7,13 +7,16 @@ use std::time::Duration;
 use idemgate_protocol::admin::{KeyListQuery, KeyPage, KeySummary};
 use leptos::prelude::*;
 use leptos_router::components::A;
+use leptos_router::hooks::use_query_map;
 
 use crate::api::{use_api, ApiError};
 use crate::components::badges::StateBadge;
 use crate::components::feedback::{Empty, ErrorPanel, Loading};
 use crate::components::time::{use_now, Time};
 use crate::core::live::use_live;
-use crate::format::{encode_component, expires_in, parse_state, short_scope};
+use crate::format::{
+    encode_component, expires_in, parse_state, query_string, short_scope, state_name,
+};
 use crate::pages::overview::every;
 
 /// Rows per page.
@@ -22,6 +25,23 @@ pub const PAGE_SIZE: u32 = 50;
 pub const REFRESH_MS: u64 = 5_000;
 /// Shortest gap between two event-driven refreshes, milliseconds.
 pub const LIVE_THROTTLE_MS: u64 = 700;
+
+/// Replaces the address bar's URL without navigating (the filters live in signals; the
+/// URL only makes a reload or a shared link show the same filter).
+fn replace_url(url: &str) {
+    if let Some(h) = web_sys::window().and_then(|w| w.history().ok()) {
+        let _ = h.replace_state_with_url(&wasm_bindgen::JsValue::NULL, "", Some(url));
+    }
+}
+
+/// A filter a table cell can set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterField {
+    /// The scope hash.
+    Scope,
+    /// The route name.
+    Route,
+}
 
 /// Client route of a key's detail page.
 pub fn detail_href(scope: &str, key: &str) -> String {
@@ -55,11 +75,14 @@ pub fn throttled(tick: RwSignal<u64>) -> impl Fn() + Copy + 'static {
 pub fn KeysPage() -> impl IntoView {
     let api = use_api();
     let live = use_live();
-    // Form fields, and the filter applied to the listing.
-    let state = RwSignal::new(String::new());
-    let route = RwSignal::new(String::new());
-    let scope = RwSignal::new(String::new());
-    let prefix = RwSignal::new(String::new());
+    // Form fields (initialised from the URL, e.g. `/keys?state=in_flight`), and the filter
+    // applied to the listing.
+    let url = use_query_map().get_untracked();
+    let from_url = |name: &str| RwSignal::new(url.get(name).unwrap_or_default());
+    let state = from_url("state");
+    let route = from_url("route");
+    let scope = from_url("scope");
+    let prefix = from_url("prefix");
     let applied = RwSignal::new(KeyListQuery::default());
     // Cursors of the pages before the current one; the current cursor is the last.
     let cursors = RwSignal::new(Vec::<String>::new());
@@ -89,15 +112,33 @@ pub fn KeysPage() -> impl IntoView {
             let v = s.get_untracked().trim().to_owned();
             (!v.is_empty()).then_some(v)
         };
-        applied.set(KeyListQuery {
+        let q = KeyListQuery {
             state: parse_state(&state.get_untracked()),
             route: text(route),
             scope: text(scope),
             prefix: text(prefix),
             ..KeyListQuery::default()
-        });
+        };
+        // Keep the URL in step, so a reload or a shared link shows the same filter.
+        let qs = query_string(&[
+            ("state", q.state.map(|s| state_name(s).to_owned())),
+            ("route", q.route.clone()),
+            ("scope", q.scope.clone()),
+            ("prefix", q.prefix.clone()),
+        ]);
+        replace_url(&format!("/keys{qs}"));
+        applied.set(q);
         cursors.set(Vec::new());
     };
+    apply();
+    // Clicking a scope or route in the table filters by it.
+    let filter_by = Callback::new(move |(field, value): (FilterField, String)| {
+        match field {
+            FilterField::Scope => scope.set(value),
+            FilterField::Route => route.set(value),
+        }
+        apply();
+    });
     let clear = move |_| {
         for s in [state, route, scope, prefix] {
             s.set(String::new());
@@ -153,7 +194,7 @@ pub fn KeysPage() -> impl IntoView {
                 <ErrorBoundary fallback=|errors| view! { <ErrorPanel errors /> }>
                     {move || Suspend::new(async move {
                         let p = page.await?;
-                        Ok::<_, ApiError>(view! { <KeyTable page=p cursors filtered=Signal::derive(filtered) /> })
+                        Ok::<_, ApiError>(view! { <KeyTable page=p cursors filtered=Signal::derive(filtered) filter_by /> })
                     })}
                 </ErrorBoundary>
             </Transition>
@@ -166,6 +207,7 @@ fn KeyTable(
     page: KeyPage,
     cursors: RwSignal<Vec<String>>,
     filtered: Signal<bool>,
+    filter_by: Callback<(FilterField, String)>,
 ) -> impl IntoView {
     let now = use_now();
     let next = page.next_cursor.clone();
@@ -197,7 +239,7 @@ fn KeyTable(
     });
     let rows = items
         .into_iter()
-        .map(|k| view! { <KeyRow k now /> })
+        .map(|k| view! { <KeyRow k now filter_by /> })
         .collect_view();
     view! {
         <div class="table-wrap">
@@ -223,7 +265,12 @@ fn KeyTable(
 }
 
 #[component]
-fn KeyRow(k: KeySummary, now: RwSignal<u64>) -> impl IntoView {
+fn KeyRow(
+    k: KeySummary,
+    now: RwSignal<u64>,
+    filter_by: Callback<(FilterField, String)>,
+) -> impl IntoView {
+    let (scope_full, route_name) = (k.scope.clone(), k.route.clone());
     let href = detail_href(&k.scope, &k.key);
     let expires = k.expires_ms;
     let status = k
@@ -237,8 +284,24 @@ fn KeyRow(k: KeySummary, now: RwSignal<u64>) -> impl IntoView {
                 <A href=href>{key_text}</A>
                 <div class="sub">{format!("{} {}", k.method, k.path)}</div>
             </td>
-            <td class="mono" title=k.scope.clone()>{short_scope(&k.scope)}</td>
-            <td>{k.route.clone()}</td>
+            <td class="mono">
+                <button
+                    class="link"
+                    title=format!("{}: show only this scope", k.scope)
+                    on:click=move |_| filter_by.run((FilterField::Scope, scope_full.clone()))
+                >
+                    {short_scope(&k.scope)}
+                </button>
+            </td>
+            <td>
+                <button
+                    class="link"
+                    title="Show only this route"
+                    on:click=move |_| filter_by.run((FilterField::Route, route_name.clone()))
+                >
+                    {k.route.clone()}
+                </button>
+            </td>
             <td><StateBadge state=k.state /></td>
             <td class="num status">{status}</td>
             <td><Time ms=k.created_ms /></td>

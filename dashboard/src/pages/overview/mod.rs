@@ -191,7 +191,7 @@ fn StatsView(stats: StatsResponse, win: RwSignal<Win>, cards: AnyView) -> impl I
             {cards}
             <div class="card stat" id="in-flight-now">
                 <span class="label">"Keys in flight now"</span>
-                <span class="value">{in_flight}</span>
+                <a class="value" href="/keys?state=in_flight" title="List the keys in flight">{in_flight}</a>
                 <span class="hint">"executing upstream (or waiting for their lock to expire)"</span>
             </div>
             <div class="card stat">
