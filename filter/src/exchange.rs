@@ -34,6 +34,8 @@ use crate::key::parse_key;
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 /// The marker on replayed responses (Stripe's name).
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// Status recorded for a request whose client went away before any response (nginx's 499).
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 /// `Retry-After` on 503 when the store cannot answer, seconds.
 pub const STORE_UNAVAILABLE_RETRY_AFTER_S: u64 = 1;
 
@@ -68,8 +70,70 @@ struct Capture {
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
-    over_cap: bool,
+    /// Set when the response will not be stored for replay (over the cap, a header value
+    /// that is not UTF-8, an outcome Envoy cannot vouch for); the key still stays used.
+    unstored: Option<String>,
+    /// What the status decides.
+    disposition: Disposition,
 }
+
+/// How the end of an exchange is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disposition {
+    /// The route's `store_statuses` decide: complete (replayable unless `unstored`) or release.
+    ByStatus,
+    /// Release whatever the status: the request never reached the upstream.
+    Release,
+    /// Complete as not replayable whatever the status: the upstream may have executed it
+    /// and its answer is unknown (Envoy timeout or reset, the client went away).
+    Unknown,
+}
+
+/// Where a response came from, by Envoy's `response.code_details`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Origin {
+    /// The upstream answered (`via_upstream`).
+    Upstream,
+    /// Envoy answered before the request was sent (no healthy host, connection failure,
+    /// circuit breaker overflow, no route or cluster): the upstream never saw it.
+    NeverSent(String),
+    /// Envoy answered after the request may have reached the upstream (timeout, reset):
+    /// the upstream may have executed it.
+    Unknown(String),
+}
+
+impl Origin {
+    fn classify(details: Option<&str>) -> Self {
+        let Some(d) = details.filter(|d| !d.is_empty()) else {
+            return Self::Upstream;
+        };
+        if d == "via_upstream" {
+            return Self::Upstream;
+        }
+        let never_sent = [
+            "no_healthy_upstream",
+            "cluster_not_found",
+            "route_not_found",
+            "maintenance_mode",
+            "direct_response",
+        ]
+        .iter()
+        .any(|p| d.starts_with(p))
+            || (d.starts_with("upstream_reset_before_response_started")
+                && (d.contains("connection_failure") || d.contains("overflow")));
+        if never_sent {
+            Self::NeverSent(d.to_owned())
+        } else {
+            Self::Unknown(d.to_owned())
+        }
+    }
+}
+
+/// Envoy attribute holding why a response was sent (`via_upstream` for an upstream's).
+const CODE_DETAILS: [&str; 2] = ["response", "code_details"];
+
+/// Marks a header value that was not UTF-8 (see the glue's `read_map`).
+pub const OPAQUE_VALUE_PREFIX: char = '\0';
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum FinishKind {
@@ -91,6 +155,8 @@ enum Phase {
         token: u32,
         kind: FinishKind,
         record: RecordId,
+        /// Whether the response is held until the store answers.
+        paused: bool,
     },
     Replaying {
         status: u16,
@@ -167,8 +233,9 @@ impl Exchange {
             ScopeSource::Header(name) => {
                 // Repeated fields are joined in order, so no part of the credential is ignored.
                 let vals: Vec<&str> = values(&headers, name).collect();
-                if vals.is_empty() {
-                    let detail = format!("route {} scopes idempotency keys by the {name} header, which the request lacks", route.name);
+                // An empty credential is no credential: it must not become a shared scope.
+                if vals.iter().all(|v| v.trim().is_empty()) {
+                    let detail = format!("route {} scopes idempotency keys by the {name} header, which the request lacks or sends empty", route.name);
                     return self.reject_request(
                         host,
                         &route,
@@ -298,9 +365,12 @@ impl Exchange {
                 token: t,
                 kind,
                 record,
+                paused,
             } if t == token => {
                 self.on_finish_reply(host, kind, &record, reply);
-                host.resume_response();
+                if paused {
+                    host.resume_response();
+                }
             }
             other => {
                 self.phase = other;
@@ -335,22 +405,56 @@ impl Exchange {
                     .unwrap_or(0);
                 let declared =
                     header(&all, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+                let opaque = all
+                    .iter()
+                    .any(|(n, v)| v.starts_with(OPAQUE_VALUE_PREFIX) && fwd.route.stores_header(n));
                 let headers = all
                     .into_iter()
                     .filter(|(n, _)| fwd.route.stores_header(n))
                     .collect();
+                let details = host
+                    .property(&CODE_DETAILS.map(str::to_owned))
+                    .and_then(|v| String::from_utf8(v).ok());
                 let mut capture = Capture {
                     fwd,
                     status,
                     headers,
                     body: Vec::new(),
-                    over_cap: false,
+                    unstored: None,
+                    disposition: Disposition::ByStatus,
                 };
+                match Origin::classify(details.as_deref()) {
+                    Origin::Upstream => {}
+                    Origin::NeverSent(d) => {
+                        host.log(Level::Debug, &format!("idemgate: Envoy answered {status} ({d}) before the request reached the upstream; releasing the key"));
+                        capture.disposition = Disposition::Release;
+                        return self.finish(host, capture, false);
+                    }
+                    Origin::Unknown(d) => {
+                        host.count(Metric::Abandoned, 1);
+                        let detail = format!("Envoy answered {status} ({d}) after the request may have reached the upstream; the outcome is unknown, so the key will not execute again");
+                        host.log(
+                            Level::Warn,
+                            &format!(
+                                "idemgate: route {} key {:?}: {detail}",
+                                capture.fwd.route.name, capture.fwd.record.key
+                            ),
+                        );
+                        capture.unstored = Some(detail);
+                        capture.disposition = Disposition::Unknown;
+                        return self.finish(host, capture, false);
+                    }
+                }
+                if opaque {
+                    capture.unstored = Some("a response header value is not UTF-8".into());
+                    return self.finish(host, capture, false);
+                }
                 if declared.is_some_and(|len| len > capture.fwd.route.max_response_body_bytes) {
                     self.mark_over_cap(host, &mut capture);
+                    return self.finish(host, capture, false);
                 }
                 if end_of_stream {
-                    self.finish(host, capture)
+                    self.finish(host, capture, true)
                 } else {
                     self.phase = Phase::Capturing(capture);
                     Flow::Continue
@@ -376,22 +480,21 @@ impl Exchange {
     ) -> Flow {
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Capturing(mut capture) => {
-                if !capture.over_cap && body_size as u64 > capture.fwd.route.max_response_body_bytes
-                {
+                if body_size as u64 > capture.fwd.route.max_response_body_bytes {
+                    // Stored as not replayable now, then streamed on unbuffered: holding a
+                    // large body would overflow Envoy's buffer and reset the stream.
                     self.mark_over_cap(host, &mut capture);
-                }
-                if capture.over_cap {
-                    return self.finish(host, capture);
+                    return self.finish(host, capture, false);
                 }
                 if end_of_stream {
                     capture.body = host.response_body(body_size);
-                    return self.finish(host, capture);
+                    return self.finish(host, capture, true);
                 }
                 self.phase = Phase::Capturing(capture);
                 Flow::Pause
             }
             other => {
-                let hold = matches!(other, Phase::Finishing { .. });
+                let hold = matches!(other, Phase::Finishing { paused: true, .. });
                 self.phase = other;
                 if hold {
                     Flow::Pause
@@ -403,12 +506,12 @@ impl Exchange {
     }
 
     fn mark_over_cap(&self, host: &dyn Host, capture: &mut Capture) {
-        capture.over_cap = true;
         host.count(Metric::BodyCapEvents, 1);
         let detail = format!(
             "the response exceeds {} bytes; it is passed on but will not be replayable",
             capture.fwd.route.max_response_body_bytes
         );
+        capture.unstored = Some(detail.clone());
         host.log(
             Level::Info,
             &format!(
@@ -428,7 +531,7 @@ impl Exchange {
     /// `on_http_response_trailers`: the response ends here.
     pub fn on_response_trailers(&mut self, host: &dyn Host) -> Flow {
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Capturing(capture) => self.finish(host, capture),
+            Phase::Capturing(capture) => self.finish(host, capture, true),
             other => {
                 self.phase = other;
                 Flow::Continue
@@ -436,11 +539,39 @@ impl Exchange {
         }
     }
 
-    /// Whether the exchange forwarded a request whose outcome is not yet stored (used by
-    /// the glue to log a client that went away mid-request; the lock is kept on purpose so
-    /// a retry cannot execute while the upstream may still be running).
-    pub fn holds_lock(&self) -> bool {
-        matches!(self.phase, Phase::Forwarded(_) | Phase::Capturing(_))
+    /// `on_done`: the stream is over. A request that went upstream but whose outcome was
+    /// not recorded (the client went away, Envoy reset the stream mid-response) is recorded
+    /// now: as not replayable (status 499 when no response had started), so a retry can
+    /// never execute it a second time, as it could once the lock expired. The store call
+    /// is detached, so it outlives the stream.
+    pub fn on_done(&mut self, host: &dyn Host) {
+        let capture = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Forwarded(fwd) => Capture {
+                fwd,
+                status: CLIENT_CLOSED_REQUEST,
+                headers: Vec::new(),
+                body: Vec::new(),
+                unstored: Some("the stream ended before the upstream answered".into()),
+                disposition: Disposition::Unknown,
+            },
+            Phase::Capturing(mut capture) => {
+                capture.unstored = Some("the stream ended before the response was complete".into());
+                capture
+            }
+            other => {
+                self.phase = other;
+                return;
+            }
+        };
+        host.count(Metric::Abandoned, 1);
+        host.log(
+            Level::Warn,
+            &format!(
+                "idemgate: route {} key {:?}: the stream ended before the outcome was stored; recording it as not replayable so a retry cannot execute again",
+                capture.fwd.route.name, capture.fwd.record.key
+            ),
+        );
+        let _ = self.finish(host, capture, false);
     }
 
     fn claim(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Flow {
@@ -524,7 +655,7 @@ impl Exchange {
             }
             ClaimOutcome::NotReplayable { status } => {
                 host.count(Metric::NotReplayable, 1);
-                self.reject(host, ProblemType::NotReplayable, format!("the request with Idempotency-Key {:?} completed with status {status}, but its response was too large to store; it will not be executed again", pending.record.key), None);
+                self.reject(host, ProblemType::NotReplayable, format!("the request with Idempotency-Key {:?} completed with status {status}, but its response was not stored (too large, or its outcome is unknown because the stream ended or Envoy answered for the upstream); it will not be executed again: use a new key after checking the result", pending.record.key), None);
             }
         }
     }
@@ -645,17 +776,25 @@ impl Exchange {
     }
 
     /// The response is complete: store it (`complete`) or give the key up (`release`).
-    fn finish(&mut self, host: &dyn Host, capture: Capture) -> Flow {
+    /// The outcome is known: store the response (`complete`, replayable or not) or give
+    /// the key up (`release`). With `hold` the response waits for the store's answer.
+    fn finish(&mut self, host: &dyn Host, capture: Capture, hold: bool) -> Flow {
         let Capture {
             fwd,
             status,
             headers,
             body,
-            over_cap,
+            unstored,
+            disposition,
         } = capture;
         let route = fwd.route.clone();
-        let (kind, call) = if route.store_statuses.stores(status) {
-            let response = (!over_cap).then_some(StoredResponse {
+        let complete = match disposition {
+            Disposition::ByStatus => route.store_statuses.stores(status),
+            Disposition::Release => false,
+            Disposition::Unknown => true,
+        };
+        let (kind, call) = if complete {
+            let response = unstored.is_none().then_some(StoredResponse {
                 status,
                 headers,
                 body,
@@ -696,8 +835,13 @@ impl Exchange {
                     token,
                     kind,
                     record: fwd.record,
+                    paused: hold,
                 };
-                Flow::Pause
+                if hold {
+                    Flow::Pause
+                } else {
+                    Flow::Continue
+                }
             }
             Err(reason) => {
                 host.count(Metric::StoreErrors, 1);

@@ -618,38 +618,139 @@ fn response_over_the_cap_completes_as_not_replayable() {
     );
     assert_eq!(
         x.on_response_body(&host, 40, false),
-        Flow::Pause,
-        "over the cap: held until the store knows"
+        Flow::Continue,
+        "over the cap: recorded at once and streamed on, never held past Envoy's buffer"
     );
     let (token, complete) = host.last_call::<CompleteRequest>();
     assert_eq!(complete.status, 200);
     assert!(complete.response.is_none());
-    assert_eq!(
-        x.on_response_body(&host, 50, false),
-        Flow::Pause,
-        "still waiting for the store"
-    );
+    assert_eq!(x.on_response_body(&host, 50, false), Flow::Continue);
     x.on_store_reply(&host, token, ok(&CompleteOutcome::Completed));
-    assert_eq!(host.effects().last(), Some(&Effect::ResumeResponse));
-    assert_eq!(
-        x.on_response_body(&host, 10, false),
-        Flow::Continue,
-        "then the body streams on"
+    assert_ne!(
+        host.effects().last(),
+        Some(&Effect::ResumeResponse),
+        "nothing was paused"
     );
     assert_eq!(x.on_response_body(&host, 0, true), Flow::Continue);
     assert_eq!(host.count_of(Metric::BodyCapEvents), 1);
     assert_eq!(host.store_calls(), 2, "one claim, one complete");
 
-    // A declared content-length over the cap is known at the headers; the first body
-    // callback completes the record.
+    // A declared content-length over the cap is known at the headers.
     let mut x = forwarded_payment(&host);
     *host.response_headers.borrow_mut() = vec![
         (":status".into(), "200".into()),
         ("content-length".into(), "33".into()),
     ];
     assert_eq!(x.on_response_headers(&host, false), Flow::Continue);
-    assert_eq!(x.on_response_body(&host, 5, false), Flow::Pause);
     assert!(host.last_call::<CompleteRequest>().1.response.is_none());
+    assert_eq!(x.on_response_body(&host, 33, true), Flow::Continue);
+}
+
+#[test]
+fn envoy_answers_are_classified_by_code_details() {
+    let details = |d: &str| {
+        let path = vec!["response".to_owned(), "code_details".to_owned()];
+        HashMap::from([(path, d.as_bytes().to_vec())])
+    };
+    // A timeout after the request was sent: the outcome is unknown, never released.
+    let mut host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
+        .with_body(b"{}");
+    host.properties = details("upstream_response_timeout");
+    let mut x = forwarded_payment(&host);
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "504".into())];
+    assert_eq!(x.on_response_headers(&host, false), Flow::Continue);
+    let (_, complete) = host.last_call::<CompleteRequest>();
+    assert_eq!((complete.status, complete.response), (504, None));
+    assert_eq!(host.count_of(Metric::Abandoned), 1);
+
+    // A connection failure before anything was sent: safe to release.
+    host.properties = details("upstream_reset_before_response_started{remote_connection_failure}");
+    let mut x = forwarded_payment(&host);
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "503".into())];
+    assert_eq!(x.on_response_headers(&host, false), Flow::Continue);
+    assert_eq!(host.last_call::<ReleaseRequest>().1.status, Some(503));
+
+    // A reset after the request was sent: unknown.
+    host.properties = details("upstream_reset_before_response_started{remote_reset}");
+    let mut x = forwarded_payment(&host);
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "503".into())];
+    x.on_response_headers(&host, false);
+    assert!(host.last_call::<CompleteRequest>().1.response.is_none());
+
+    // The upstream's own 503 follows the route policy (released).
+    host.properties = details("via_upstream");
+    let mut x = forwarded_payment(&host);
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "503".into())];
+    assert_eq!(x.on_response_headers(&host, true), Flow::Pause);
+    assert_eq!(host.last_call::<ReleaseRequest>().1.status, Some(503));
+}
+
+#[test]
+fn a_stream_that_ends_mid_exchange_is_recorded_as_not_replayable() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
+        .with_body(b"{}");
+    // The client went away while the upstream ran.
+    let mut x = forwarded_payment(&host);
+    x.on_done(&host);
+    let (_, complete) = host.last_call::<CompleteRequest>();
+    assert_eq!(
+        (complete.status, complete.response),
+        (CLIENT_CLOSED_REQUEST, None)
+    );
+    assert!(matches!(
+        host.effects().last(),
+        Some(Effect::Dispatch { detached: true, .. })
+    ));
+    assert_eq!(host.count_of(Metric::Abandoned), 1);
+
+    // The response had started: its status decides (a 500 releases, per the policy).
+    let mut x = forwarded_payment(&host);
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "500".into())];
+    x.on_response_headers(&host, false);
+    x.on_done(&host);
+    assert_eq!(host.last_call::<ReleaseRequest>().1.status, Some(500));
+    let mut x = forwarded_payment(&host);
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
+    x.on_response_headers(&host, false);
+    x.on_done(&host);
+    assert_eq!(host.last_call::<CompleteRequest>().1.response, None);
+
+    // A finished exchange records nothing more.
+    let before = host.store_calls();
+    x.on_done(&host);
+    let mut done = exchange();
+    done.on_done(&host);
+    assert_eq!(host.store_calls(), before);
+}
+
+#[test]
+fn a_response_header_that_is_not_utf8_makes_the_response_not_replayable() {
+    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
+        .with_body(b"{}");
+    let mut x = forwarded_payment(&host);
+    *host.response_headers.borrow_mut() = vec![
+        (":status".into(), "201".into()),
+        (
+            "content-disposition".into(),
+            format!("{OPAQUE_VALUE_PREFIX}ff00"),
+        ),
+    ];
+    x.on_response_headers(&host, false);
+    assert_eq!(host.last_call::<CompleteRequest>().1.response, None);
+}
+
+#[test]
+fn an_empty_scope_header_is_401_not_a_shared_scope() {
+    for empty in ["", "  "] {
+        let host = FakeHost::request(
+            "POST",
+            "/v1/payments",
+            &[("authorization", empty), ("idempotency-key", "k")],
+        );
+        let mut x = exchange();
+        x.on_request_headers(&host, true);
+        assert_eq!(host.last_reply().0, 401, "{empty:?}");
+    }
 }
 
 #[test]

@@ -13,7 +13,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 
 use crate::config::Config;
-use crate::exchange::{Exchange, Flow};
+use crate::exchange::{Exchange, Flow, OPAQUE_VALUE_PREFIX};
 use crate::host::{Host, Level, Metric, StoreCall, StoreReply};
 
 proxy_wasm::main! {{
@@ -183,13 +183,8 @@ impl Context for IdemHttp {
     }
 
     fn on_done(&mut self) -> bool {
-        log(
-            Level::Debug,
-            &format!("idemgate: stream {} done", self.env.context_id),
-        );
-        if self.exchange.holds_lock() {
-            log(Level::Info, "idemgate: stream ended before the response completed; the key stays locked until its lock TTL so a retry cannot run while the upstream may still execute");
-        }
+        let host = self.env.host();
+        self.exchange.on_done(&host);
         true
     }
 }
@@ -254,18 +249,20 @@ fn log(level: Level, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
-/// A header map as `(name, value)` strings; a non-UTF-8 value is converted lossily
-/// (U+FFFD), a failed read is an empty map.
+/// A header map as `(name, value)` strings. A value that is not UTF-8 becomes
+/// [`OPAQUE_VALUE_PREFIX`] followed by its bytes in hex: injective (a NUL never appears in
+/// a header value Envoy accepts), so two different credentials never hash to one scope,
+/// and recognisable, so such a response header makes the response not replayable rather
+/// than replayed altered. A failed read is an empty map.
 fn read_map(map: MapType) -> Vec<(String, String)> {
     match hostcalls::get_map_bytes(map) {
         Ok(pairs) => pairs
             .into_iter()
             .map(|(n, v)| {
-                (
-                    n,
-                    String::from_utf8(v)
-                        .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
-                )
+                let value = String::from_utf8(v).unwrap_or_else(|e| {
+                    format!("{OPAQUE_VALUE_PREFIX}{}", hex::encode(e.as_bytes()))
+                });
+                (n, value)
             })
             .collect(),
         Err(status) => {

@@ -46,13 +46,17 @@ pub enum Metric {
     Released,
     /// `complete`/`release` refused because the fencing token was no longer current.
     LockLost,
-    /// 409 answers for a completed key whose response was too large to store.
+    /// 409 answers for a completed key whose response was not stored.
     NotReplayable,
+    /// Requests that reached the upstream but whose outcome is unknown (the client went
+    /// away, Envoy timed out or reset the stream): recorded as not replayable so a retry
+    /// cannot execute them again.
+    Abandoned,
 }
 
 impl Metric {
     /// Every metric, in the order they are defined with Envoy.
-    pub const ALL: [Metric; 13] = [
+    pub const ALL: [Metric; 14] = [
         Self::Checked,
         Self::Acquired,
         Self::Replayed,
@@ -66,6 +70,7 @@ impl Metric {
         Self::Released,
         Self::LockLost,
         Self::NotReplayable,
+        Self::Abandoned,
     ];
 
     /// The Envoy stat name.
@@ -84,6 +89,7 @@ impl Metric {
             Self::Released => "idemgate.released",
             Self::LockLost => "idemgate.lock_lost",
             Self::NotReplayable => "idemgate.not_replayable",
+            Self::Abandoned => "idemgate.abandoned",
         }
     }
 }

@@ -377,30 +377,51 @@ fn chunked_and_compressed_request_bodies_are_fingerprinted_exactly() {
 #[test]
 fn a_response_over_the_cap_is_delivered_but_never_replayed_or_executed_again() {
     let stack = stack("response-cap");
-    let send = || {
-        stack
-            .gateway()
-            .post("/v1/payments")
-            .header("authorization", AUTH)
-            .header("idempotency-key", "huge-1")
-            .header("x-demo-body-bytes", "20000")
-            .json(&json!({"amount": 1}))
-            .send()
-            .unwrap()
-    };
-    let first = send();
-    assert_eq!(first.status, 201);
+    // 20 kB is over the route's 8 kB cap; 2 MB is also over Envoy's 1 MiB buffer, which a
+    // held response would overflow.
+    for (key, size) in [("huge-1", 20_000usize), ("huge-2", 2_000_000)] {
+        let send = || {
+            stack
+                .gateway()
+                .post("/v1/payments")
+                .header("authorization", AUTH)
+                .header("idempotency-key", key)
+                .header("x-demo-body-bytes", size.to_string())
+                .json(&json!({"amount": 1}))
+                .send()
+                .unwrap()
+        };
+        let first = send();
+        assert_eq!(first.status, 201);
+        assert_eq!(first.body.len(), size, "the client gets the whole response");
+        // The record may still be landing (409 in flight); then it is not replayable.
+        let retry = eventually_problem(&stack, send, "urn:idemgate:problem:not-replayable");
+        assert_eq!(retry.status, 409);
+    }
+    assert_eq!(stack.executions("/v1/payments").unwrap(), 2);
+    assert_eq!(stat(&stack, "body_cap_events"), 2);
     assert_eq!(
-        first.body.len(),
-        20000,
-        "the client gets the whole response"
+        stack
+            .envoy_stat("http.ingress.rs_too_large")
+            .unwrap()
+            .unwrap_or(0),
+        0
     );
-    let retry = send();
-    assert_eq!(retry.status, 409, "{}", retry.text());
-    assert_eq!(problem_type(&retry), "urn:idemgate:problem:not-replayable");
-    assert_eq!(stack.executions("/v1/payments").unwrap(), 1);
-    assert_eq!(stat(&stack, "body_cap_events"), 1);
-    assert_eq!(stat(&stack, "not_replayable"), 1);
+}
+
+/// Retries until the answer is the problem `expected`; only 409 in-flight may come first.
+fn eventually_problem(stack: &Stack, send: impl Fn() -> Reply, expected: &str) -> Reply {
+    let _ = stack;
+    for _ in 0..50 {
+        let r = send();
+        let t = problem_type(&r);
+        if t == expected {
+            return r;
+        }
+        assert_eq!(t, "urn:idemgate:problem:in-flight", "{}", r.text());
+        thread::sleep(Duration::from_millis(50));
+    }
+    panic!("never answered {expected}");
 }
 
 #[test]
@@ -485,8 +506,109 @@ fn a_client_that_disconnects_mid_request_does_not_release_the_key() {
         "the upstream may still execute, so no second execution: {}",
         retry.text()
     );
-    assert_eq!(problem_type(&retry), "urn:idemgate:problem:in-flight");
+    // The stream's end recorded the key as not replayable: it never executes again, even
+    // after the lock TTL.
+    let retry = eventually_problem(
+        &stack,
+        || post_payment(&stack, "gone-1", body.as_bytes()),
+        "urn:idemgate:problem:not-replayable",
+    );
+    assert!(retry.text().contains("499"), "{}", retry.text());
     assert_eq!(stack.upstream_requests().unwrap().len(), 1);
+    assert_eq!(stat(&stack, "abandoned"), 1);
+}
+
+#[test]
+fn an_envoy_timeout_never_releases_the_key() {
+    // The gateway template with a 300 ms route timeout.
+    let gateway = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../envoy/gateway.yaml"),
+    )
+    .unwrap();
+    assert!(gateway.contains("timeout: 30s"));
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/e2e");
+    std::fs::create_dir_all(&dir).unwrap();
+    let template = dir.join(format!("timeout-{}.yaml", std::process::id()));
+    std::fs::write(&template, gateway.replace("timeout: 30s", "timeout: 0.3s")).unwrap();
+    let mut opts = StackOptions::new("envoy-timeout", policy_config());
+    opts.template = EnvoyTemplate::File(template);
+    let stack = Stack::start(opts).expect("stack starts");
+    let send = |delay: &str| {
+        stack
+            .gateway()
+            .post("/v1/payments")
+            .header("authorization", AUTH)
+            .header("idempotency-key", "slow-1")
+            .header("x-demo-delay-ms", delay)
+            .json(&json!({"amount": 1}))
+            .send()
+            .unwrap()
+    };
+    let first = send("1500");
+    assert_eq!(first.status, 504, "{}", first.text());
+    // The upstream got the request and may have executed it: no second execution.
+    let retry = eventually_problem(&stack, || send("0"), "urn:idemgate:problem:not-replayable");
+    assert!(retry.text().contains("504"), "{}", retry.text());
+    assert_eq!(stack.upstream_requests().unwrap().len(), 1);
+    assert_eq!(stat(&stack, "abandoned"), 1);
+    assert_eq!(stat(&stack, "released"), 0);
+}
+
+#[test]
+fn a_connection_failure_before_sending_releases_the_key() {
+    let mut stack = stack("connect-failure");
+    stack.stop(idemgate_e2e::Component::Upstream);
+    let down = post_payment(&stack, "cf-1", br#"{"amount":1}"#);
+    assert_eq!(down.status, 503, "{}", down.text());
+    stack.restart(idemgate_e2e::Component::Upstream).unwrap();
+    // The upstream never saw the request, so the retry executes.
+    let mut ok = None;
+    for _ in 0..50 {
+        let r = post_payment(&stack, "cf-1", br#"{"amount":1}"#);
+        if r.status == 201 {
+            ok = Some(r);
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let ok = ok.expect("the retry executes once the upstream is back");
+    assert_eq!(ok.header("idempotent-replayed"), None);
+    assert_eq!(stack.executions("/v1/payments").unwrap(), 1);
+}
+
+#[test]
+fn credentials_that_are_not_utf8_keep_their_own_scopes() {
+    let stack = stack("opaque-scope");
+    let send = |auth: &[u8]| {
+        let body = br#"{"amount":1}"#;
+        let mut req =
+            b"POST /v1/payments HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer s-".to_vec();
+        req.extend_from_slice(auth);
+        req.extend_from_slice(
+            format!(
+                "\r\nIdempotency-Key: opaque-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        req.extend_from_slice(body);
+        raw_request(&stack, &req)
+    };
+    let a = send(b"\xff\xff");
+    let b = send(b"\xfe\xfe");
+    assert!(a.starts_with("HTTP/1.1 201"), "{a}");
+    assert!(b.starts_with("HTTP/1.1 201"), "{b}");
+    assert!(
+        !b.to_ascii_lowercase().contains("idempotent-replayed"),
+        "another tenant's response: {b}"
+    );
+    let a2 = send(b"\xff\xff");
+    assert!(
+        a2.to_ascii_lowercase()
+            .contains("idempotent-replayed: true"),
+        "{a2}"
+    );
+    assert_eq!(stack.executions("/v1/payments").unwrap(), 2);
 }
 
 #[test]
@@ -627,11 +749,25 @@ fn default_deny_list_keeps_cookies_rate_limits_and_envoy_timing_out_of_replays()
     };
     let first = send();
     assert_eq!(first.status, 201);
-    assert_eq!(first.header("set-cookie"), Some("sid=abc; HttpOnly"), "the first client gets everything");
+    assert_eq!(
+        first.header("set-cookie"),
+        Some("sid=abc; HttpOnly"),
+        "the first client gets everything"
+    );
     let retry = send();
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
-    for h in ["set-cookie", "x-ratelimit-remaining", "ratelimit-policy", "retry-after", "x-envoy-upstream-service-time"] {
+    for h in [
+        "set-cookie",
+        "x-ratelimit-remaining",
+        "ratelimit-policy",
+        "retry-after",
+        "x-envoy-upstream-service-time",
+    ] {
         assert_eq!(retry.header(h), None, "{h} must not be replayed");
     }
-    assert_eq!(retry.header("cache-control"), Some("no-cache, private"), "ordinary headers are kept whole");
+    assert_eq!(
+        retry.header("cache-control"),
+        Some("no-cache, private"),
+        "ordinary headers are kept whole"
+    );
 }
