@@ -73,6 +73,28 @@ pub fn line_path(values: &[Option<f64>], max: f64, width: f64, height: f64) -> S
     out
 }
 
+/// The points of [`line_path`] (`(x, y)` of each finite value), for dots that stay
+/// visible where a value has no neighbour to draw a line to.
+pub fn line_points(values: &[Option<f64>], max: f64, width: f64, height: f64) -> Vec<(f64, f64)> {
+    let max = if max > 0.0 && max.is_finite() {
+        max
+    } else {
+        1.0
+    };
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| {
+            v.filter(|v| v.is_finite()).map(|v| {
+                (
+                    slot_centre(i, values.len(), width),
+                    height - (v.clamp(0.0, max) / max) * height,
+                )
+            })
+        })
+        .collect()
+}
+
 /// Bars for `values` scaled to `0..=max`, one per slot with a small gap; zero values get no
 /// bar.
 pub fn bars(values: &[u64], max: f64, width: f64, height: f64) -> Vec<(usize, Bar)> {
@@ -174,6 +196,12 @@ mod tests {
         assert_eq!(p, "M50.0 100.0 L150.0 0.0 M350.0 50.0");
         assert_eq!(line_path(&[None, None], 1.0, 100.0, 100.0), "");
         assert_eq!(line_path(&[Some(5.0)], 1.0, 100.0, 100.0), "M50.0 0.0");
+    }
+
+    #[test]
+    fn points_follow_the_line() {
+        let p = line_points(&[Some(0.0), None, Some(1.0)], 1.0, 300.0, 100.0);
+        assert_eq!(p, vec![(50.0, 100.0), (250.0, 0.0)]);
     }
 
     #[test]

@@ -347,26 +347,68 @@ async fn scenario(c: &Client, stack: &mut Stack, token: &str) -> Result<()> {
     }
     shot(c, "12-bulk-purge-done").await?;
 
+    // An in-flight key: its detail offers Release lock, confirmed in a dialog naming it.
+    // (Reached by a fresh page load: the session survives it, and the Keys filter comes
+    // from the URL.)
+    let slow_key = format!("{key}-slow");
+    let slow = {
+        let gw = stack.gateway();
+        let k = slow_key.clone();
+        std::thread::spawn(move || {
+            gw.post("/v1/payments")
+                .header("Authorization", TENANT)
+                .header("Idempotency-Key", k)
+                .header("x-demo-delay-ms", "6000")
+                .json(&json!({"amount": 1, "currency": "eur"}))
+                .send()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    c.goto(&format!("{base}keys?state=in_flight&prefix={slow_key}"))
+        .await?;
+    click(c, &format!("tr[data-key=\"{slow_key}\"] td.key a")).await?;
+    find(c, "#key-detail[data-state=\"in_flight\"]").await?;
+    shot(c, "13-key-in-flight").await?;
+    click(c, "#release").await?;
+    let dialog = find(c, "#confirm-dialog").await?.text().await?;
+    if !dialog.contains(&slow_key) {
+        bail!("the release confirmation does not name the key: {dialog:?}");
+    }
+    click(c, "#confirm-ok").await?;
+    let flash = find(c, "#flash").await?.text().await?;
+    if !flash.contains("Released") {
+        bail!("no release notice: {flash:?}");
+    }
+    let slow = slow
+        .join()
+        .map_err(|_| anyhow!("the slow request thread panicked"))??;
+    if slow.status != 201 {
+        bail!("the slow request answered {}", slow.status);
+    }
+
     // A narrow window still works.
     c.set_window_size(420, 900).await?;
     click(c, "header nav a[href=\"/keys\"]").await?;
     find(c, "#key-filters").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    shot(c, "13-keys-narrow").await?;
+    shot(c, "14-keys-narrow").await?;
     c.set_window_size(1280, 800).await?;
 
     // With the demo traffic generator running, for the screenshots of a busy gateway.
     let traffic = Traffic::start(stack.gateway_url());
     click(c, "header nav a[href=\"/\"]").await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
-    shot(c, "14-overview-traffic").await?;
+    shot(c, "15-overview-traffic").await?;
+    click(c, ".segmented button:nth-child(2)").await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shot(c, "15b-overview-traffic-hour").await?;
     click(c, "header nav a[href=\"/keys\"]").await?;
     find(c, "#keys-table").await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    shot(c, "15-keys-traffic").await?;
+    shot(c, "16-keys-traffic").await?;
     click(c, "header nav a[href=\"/events\"]").await?;
     find(c, "#events-table").await?;
-    shot(c, "16-events-traffic").await?;
+    shot(c, "17-events-traffic").await?;
     let counts = traffic.stop();
     eprintln!("demo traffic answers by status: {counts:?}");
     if !counts.contains_key(&201) {
@@ -387,10 +429,10 @@ async fn dark(c: &Client, stack: &Stack, token: &str) -> Result<()> {
     click(c, "#sign-in").await?;
     find(c, "#counters").await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    shot(c, "17-overview-dark").await?;
+    shot(c, "18-overview-dark").await?;
     click(c, "header nav a[href=\"/events\"]").await?;
     find(c, "#events-table").await?;
-    shot(c, "18-events-dark").await
+    shot(c, "19-events-dark").await
 }
 
 async fn connect(driver_port: u16, chrome: &Path, profile: &Path, dark: bool) -> Result<Client> {

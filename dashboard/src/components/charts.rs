@@ -3,7 +3,7 @@
 use idemgate_protocol::admin::{replay_rate, StatsWindow};
 use leptos::prelude::*;
 
-use crate::chart::{line_path, nice_ceiling, stacked_bars};
+use crate::chart::{line_path, line_points, nice_ceiling, stacked_bars};
 use crate::components::time::local_time;
 use crate::format::{duration_ms, percent};
 
@@ -43,6 +43,16 @@ pub fn ReplayRateChart(
             line_path(&values, 1.0, W, H)
         })
     };
+    let dots = move || {
+        window.with(|w| {
+            let values: Vec<Option<f64>> =
+                w.series.iter().map(|b| replay_rate(&b.counts)).collect();
+            line_points(&values, 1.0, W, H)
+                .into_iter()
+                .map(|(x, y)| view! { <circle class="dot replay" cx=x cy=y r="3"></circle> })
+                .collect_view()
+        })
+    };
     let labels = move || window.with(x_labels);
     let summary = move || {
         window.with(|w| {
@@ -64,6 +74,7 @@ pub fn ReplayRateChart(
                 <text class="tick" x="-6" y=H / 2.0 + 4.0 text-anchor="end">"50 %"</text>
                 <text class="tick" x="-6" y=H + 4.0 text-anchor="end">"0 %"</text>
                 <path class="line replay" d=path></path>
+                {dots}
                 <text class="tick" x="0" y=H + 18.0>{move || labels().0}</text>
                 <text class="tick" x=W y=H + 18.0 text-anchor="end">{move || labels().1}</text>
             </g>

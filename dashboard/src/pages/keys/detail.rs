@@ -208,7 +208,13 @@ fn DetailView(
                 <dt>"Route"</dt><dd>{s.route.clone()}</dd>
                 <dt>"Request"</dt><dd class="mono wrap">{format!("{} {}", s.method, s.path)}</dd>
                 <dt>"Status"</dt><dd id="detail-status">{status}</dd>
-                <dt>"Replayable"</dt><dd>{if s.replayable { "yes" } else { "no (response over the size cap: retries get 409)" }}</dd>
+                <dt>"Replayable"</dt><dd>{if in_flight {
+                    "– (decided when the response is stored)"
+                } else if s.replayable {
+                    "yes"
+                } else {
+                    "no (response over the size cap: retries get 409)"
+                }}</dd>
                 <dt>"Replays"</dt><dd id="detail-replays">{s.replays.to_string()}</dd>
                 <dt>"Created"</dt><dd><Time ms=s.created_ms /></dd>
                 <dt>"Completed"</dt><dd>{opt_time(s.completed_ms)}</dd>
