@@ -350,7 +350,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Routes in match order.
     pub routes: Vec<Rc<Route>>,
-    /// First 16 hex digits of the SHA-256 of the configuration bytes, logged at load.
+    /// First 16 hex digits of the SHA-256 of the configuration's canonical JSON (member
+    /// order and whitespace do not matter), logged at load.
     pub hash: String,
 }
 
@@ -369,7 +370,11 @@ impl Config {
             field: e.path().to_string(),
             reason: e.inner().to_string(),
         })?;
-        let hash = hex::encode(Sha256::digest(bytes))[..16].to_owned();
+        // Over the canonical JSON, so the hash names the configuration, not its formatting:
+        // `config check` on a file and Envoy's log of the same document agree.
+        let canonical = idemgate_protocol::fingerprint::canonical_json(bytes, &[])
+            .unwrap_or_else(|| bytes.to_vec());
+        let hash = hex::encode(Sha256::digest(&canonical))[..16].to_owned();
         let store = validate_store(file.store)?;
         if file.defaults.name.is_some() {
             return err("defaults.name", "a route name is not allowed in defaults");
@@ -700,6 +705,16 @@ mod tests {
             Ok(c) => panic!("expected an error, got {c:?}"),
             Err(e) => e,
         }
+    }
+
+    #[test]
+    fn the_hash_ignores_formatting() {
+        let a = check(DEMO).unwrap().hash;
+        let compact: serde_json::Value = serde_json::from_str(DEMO).unwrap();
+        let b = check(&compact.to_string()).unwrap().hash;
+        assert_eq!(a, b);
+        let other = DEMO.replace("/v1/orders", "/v1/order");
+        assert_ne!(a, check(&other).unwrap().hash);
     }
 
     #[test]

@@ -293,7 +293,20 @@ pub fn check_filter_config(file: &std::path::Path) -> Result<String, String> {
         config.store.cluster,
         config.store.timeout_ms
     );
+    let mut notes = Vec::new();
     for r in &config.routes {
+        for (field, cap) in [
+            ("max_request_body_bytes", r.max_request_body_bytes),
+            ("max_response_body_bytes", r.max_response_body_bytes),
+        ] {
+            if cap > ENVOY_DEFAULT_BUFFER_LIMIT_BYTES / 2 {
+                notes.push(format!(
+                    "note: route {} {field} is {cap} bytes: set Envoy's per_connection_buffer_limit_bytes (listener) above {} so the filter, not Envoy's buffer limit, decides what happens to a large body",
+                    r.name,
+                    cap.saturating_mul(2)
+                ));
+            }
+        }
         let _ = writeln!(
             out,
             "  route {:<16} {:<28} methods {:<12} key {:<8} ttl_s {:<6} lock_ttl_ms {:<6} failure {:?}, scope {}",
@@ -307,8 +320,14 @@ pub fn check_filter_config(file: &std::path::Path) -> Result<String, String> {
             r.scope.label()
         );
     }
+    for n in notes {
+        let _ = writeln!(out, "{n}");
+    }
     Ok(out)
 }
+
+/// Envoy's default `per_connection_buffer_limit_bytes` (1 MiB).
+pub const ENVOY_DEFAULT_BUFFER_LIMIT_BYTES: u64 = 1 << 20;
 
 #[cfg(test)]
 mod tests {

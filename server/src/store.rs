@@ -209,10 +209,49 @@ impl Store {
             .arg(&req.method)
             .arg(&req.path)
             .arg(req.lock_ttl_ms);
-        let value: Value = self
+        let result = self
             .timed(async { invocation.invoke_async(&mut conn).await })
-            .await?;
-        parse_claim(value, token)
+            .await;
+        match result {
+            Ok(value) => parse_claim(value, token),
+            Err(e) => {
+                // The script may have been sent and run later, or run with its answer lost.
+                self.undo_late_claim(req.record.clone(), token);
+                Err(e)
+            }
+        }
+    }
+
+    /// After a claim failed or timed out (the filter answered 503 or failed open), Redis
+    /// may still run the script once it catches up (a stall rather than an outage), or may
+    /// have run it with the answer lost. Such a lock has no holder and would block the key
+    /// for its whole lock TTL, so fenced releases follow at 0, 1, 2, 4, 8 and 16 s: each is
+    /// a no-op (`lock_lost`) unless exactly that orphaned lock exists. At most
+    /// [`MAX_LATE_CLAIMS`] are watched at once.
+    fn undo_late_claim(&self, record: RecordId, token: String) {
+        let Ok(permit) = LATE_CLAIMS.clone().try_acquire_owned() else {
+            tracing::warn!(key = %record.key, "too many failed claims to watch; a late one may hold its key until its lock TTL");
+            return;
+        };
+        let store = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let req = ReleaseRequest {
+                record,
+                fencing_token: token,
+                status: None,
+            };
+            for delay_s in [0, 1, 2, 4, 8, 16] {
+                tokio::time::sleep(Duration::from_secs(delay_s)).await;
+                if let Ok((ReleaseOutcome::Released, _)) = store.release(&req).await {
+                    tracing::warn!(
+                        key = %req.record.key,
+                        "a claim that failed acquired the lock later; released it so the key is not blocked"
+                    );
+                    return;
+                }
+            }
+        });
     }
 
     /// Runs the complete script. `ttl_ms` is the completed record's lifetime; the request
@@ -281,6 +320,12 @@ impl Store {
         }
     }
 }
+
+/// Most timed-out claims watched at once (see `Store::undo_late_claim`).
+pub const MAX_LATE_CLAIMS: usize = 1024;
+
+static LATE_CLAIMS: LazyLock<std::sync::Arc<tokio::sync::Semaphore>> =
+    LazyLock::new(|| std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LATE_CLAIMS)));
 
 /// A fresh fencing token: 128 random bits as 32 lowercase hex digits.
 pub fn new_fencing_token() -> String {

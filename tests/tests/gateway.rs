@@ -405,3 +405,54 @@ fn a_redis_outage_fails_closed_with_503_and_recovers_without_restarts() {
     assert!(last.is_some(), "the gateway recovers once Redis is back");
     assert_eq!(stack.executions("/v1/payments").unwrap(), 1);
 }
+
+/// Resumes a SIGSTOPped process when dropped, also when the test fails.
+struct Stopped(u32);
+
+impl Stopped {
+    fn new(pid: u32) -> Self {
+        let ok = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill -STOP {pid}");
+        Self(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[test]
+fn a_redis_stall_leaves_no_orphaned_lock() {
+    let stack = demo_stack("stall");
+    let pid = stack
+        .pid(idemgate_e2e::Component::Redis)
+        .expect("redis runs");
+    let body = json!({"amount": 1});
+    // A first claim loads the scripts into Redis, so the stalled one is a plain EVALSHA.
+    assert_eq!(pay(&stack, TENANT_A, Some("warm-up"), &body).status, 201);
+    {
+        let _stall = Stopped::new(pid);
+        let r = pay(&stack, TENANT_A, Some("stalled"), &body);
+        assert_eq!(r.status, 503, "{}", r.text());
+    }
+    // Redis runs the queued claim when it resumes; the server undoes that orphaned lock, so
+    // the retry executes instead of waiting out the 60 s lock TTL.
+    let mut statuses = Vec::new();
+    for _ in 0..50 {
+        let r = pay(&stack, TENANT_A, Some("stalled"), &body);
+        statuses.push(r.status);
+        if r.status == 201 {
+            break;
+        }
+        thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(statuses.last(), Some(&201), "{statuses:?}");
+    assert_eq!(stack.executions("/v1/payments").unwrap(), 2);
+}
