@@ -30,8 +30,8 @@ pub enum BodyMode {
     /// The exact bytes as received (after Envoy de-chunking; compression is kept).
     #[default]
     Raw,
-    /// Canonical JSON: object members sorted by name, no insignificant whitespace, the
-    /// listed JSON Pointers (RFC 6901) removed. A body that does not parse as JSON falls
+    /// Canonical JSON: object members sorted by name, no insignificant whitespace, numbers
+    /// exactly as written, the listed JSON Pointers (RFC 6901) removed. A body that does not parse as JSON falls
     /// back to [`BodyMode::Raw`] (and says so in the hash input, so the two never meet).
     CanonicalJson {
         /// JSON Pointers of members to leave out, e.g. `/client_timestamp`.
@@ -94,41 +94,10 @@ impl Fingerprint {
 }
 
 /// Canonical JSON bytes of `body` with the `exclude` pointers removed, or `None` when the
-/// body is not JSON (empty included).
-///
-/// Members are sorted by name (serde_json's map is ordered), numbers keep the form serde
-/// parsed them into, strings are re-escaped the one way serde_json writes them.
+/// body is not JSON (see [`crate::canonical::canonicalize`]: numbers are kept exactly as
+/// written, members sorted, nesting bounded).
 pub fn canonical_json(body: &[u8], exclude: &[String]) -> Option<Vec<u8>> {
-    let mut value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    for pointer in exclude {
-        remove_pointer(&mut value, pointer);
-    }
-    serde_json::to_vec(&value).ok()
-}
-
-fn remove_pointer(value: &mut serde_json::Value, pointer: &str) {
-    let Some((parent, last)) = pointer.rsplit_once('/') else {
-        return;
-    };
-    let last = last.replace("~1", "/").replace("~0", "~");
-    let target = if parent.is_empty() {
-        Some(value)
-    } else {
-        value.pointer_mut(parent)
-    };
-    match target {
-        Some(serde_json::Value::Object(map)) => {
-            map.remove(&last);
-        }
-        Some(serde_json::Value::Array(items)) => {
-            if let Ok(i) = last.parse::<usize>() {
-                if i < items.len() {
-                    items.remove(i);
-                }
-            }
-        }
-        _ => {}
-    }
+    crate::canonical::canonicalize(body, exclude)
 }
 
 #[cfg(test)]

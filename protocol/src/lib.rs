@@ -21,6 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod admin;
+pub mod canonical;
 pub mod fingerprint;
 pub mod problem;
 
