@@ -4,8 +4,6 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -14,110 +12,16 @@ use idemgate_protocol::ClaimOutcome;
 use idemgate_server::ServeArgs;
 use serde_json::{json, Value};
 
-/// Three masters, no replicas; killed on drop (logs printed when the test panics).
-struct Cluster {
-    ports: Vec<u16>,
-    dir: tempfile::TempDir,
-    children: Vec<Child>,
-}
-
-fn redis_cli_bin() -> PathBuf {
-    redis_server_bin().with_file_name("redis-cli")
-}
+/// The three-master cluster of the e2e harness (killed on drop, logs on panic).
+struct Cluster(idemgate_e2e::RedisCluster);
 
 impl Cluster {
     fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let mut cluster = Self {
-            ports: ports.clone(),
-            dir,
-            children: Vec::new(),
-        };
-        for p in &ports {
-            let node_dir = cluster.dir.path().join(p.to_string());
-            std::fs::create_dir_all(&node_dir).unwrap();
-            let child = Command::new(redis_server_bin())
-                .args(["--port", &p.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes"])
-                .arg("--cluster-config-file")
-                .arg(node_dir.join("nodes.conf"))
-                .arg("--dir")
-                .arg(&node_dir)
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--logfile")
-                .arg(node_dir.join("redis.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            cluster.children.push(child);
-        }
-        for p in &ports {
-            cluster.wait(|| cli(*p, &["PING"]).contains("PONG"), "node PING");
-        }
-        let mut create = vec!["--cluster".to_owned(), "create".to_owned()];
-        create.extend(ports.iter().map(|p| format!("127.0.0.1:{p}")));
-        create.extend(["--cluster-replicas", "0", "--cluster-yes"].map(str::to_owned));
-        let out = Command::new(redis_cli_bin())
-            .args(&create)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cluster create: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        for p in &ports {
-            cluster.wait(
-                || cli(*p, &["CLUSTER", "INFO"]).contains("cluster_state:ok"),
-                "cluster_state:ok",
-            );
-        }
-        cluster
-    }
-
-    fn wait(&self, ok: impl Fn() -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !ok() {
-            assert!(Instant::now() < deadline, "cluster: no {what} in 20 s");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        Self(idemgate_e2e::RedisCluster::start().expect("a three-node cluster forms"))
     }
 
     fn url(&self) -> String {
-        self.ports
-            .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-}
-
-fn cli(port: u16, args: &[&str]) -> String {
-    Command::new(redis_cli_bin())
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap_or_default()
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            for p in &self.ports {
-                let log =
-                    std::fs::read_to_string(self.dir.path().join(p.to_string()).join("redis.log"))
-                        .unwrap_or_default();
-                eprintln!("----- redis cluster node {p} -----\n{log}");
-            }
-        }
+        self.0.url()
     }
 }
 
@@ -224,9 +128,10 @@ async fn store_admin_and_events_run_unchanged_on_a_cluster() {
     assert_eq!(r["outcome"], "replay");
     // The records really are spread over the three masters.
     let spread = cluster
-        .ports
+        .0
+        .ports()
         .iter()
-        .filter(|p| cli(**p, &["DBSIZE"]).trim() != "0")
+        .filter(|p| cluster.0.cli(**p, &["DBSIZE"]).trim() != "0")
         .count();
     assert_eq!(spread, 3);
 

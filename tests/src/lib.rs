@@ -32,6 +32,7 @@
 //! `cargo xtask setup` and `cargo xtask build` produce (see [`bins::Binaries`]).
 
 pub mod bins;
+pub mod cluster;
 pub mod envoy;
 pub mod http;
 pub mod process;
@@ -41,6 +42,7 @@ pub mod traffic;
 pub mod upstream;
 
 pub use bins::{workspace_root, Binaries};
+pub use cluster::RedisCluster;
 pub use envoy::EnvoyTemplate;
 pub use http::{Client, Reply, RequestBuilder};
 pub use redis::RedisValue;

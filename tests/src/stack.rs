@@ -123,6 +123,10 @@ pub struct StackOptions {
     pub server_args: Vec<String>,
     /// Extra environment variables for the server (`RUST_LOG` defaults to `info`).
     pub server_env: Vec<(String, String)>,
+    /// The Redis URL the server uses instead of the stack's own Redis, e.g. the seeds of a
+    /// [`crate::RedisCluster`] (with `--redis-cluster` in `server_args`). The stack still
+    /// runs its own Redis, unused by the server.
+    pub server_redis_url: Option<String>,
     /// Binaries to run; `None` (default) resolves them with [`Binaries::from_env`].
     pub binaries: Option<Binaries>,
     /// When set to `true` (e.g. by a Ctrl-C handler), a start in progress gives up with an
@@ -143,6 +147,7 @@ impl Default for StackOptions {
             envoy_log_level: "info".into(),
             server_args: Vec::new(),
             server_env: Vec::new(),
+            server_redis_url: None,
             binaries: None,
             cancel: None,
         }
@@ -351,7 +356,12 @@ impl Stack {
                 let mut cmd = Command::new(&self.bins.server);
                 cmd.arg("serve")
                     .arg("--redis-url")
-                    .arg(self.redis_url())
+                    .arg(
+                        self.opts
+                            .server_redis_url
+                            .clone()
+                            .unwrap_or_else(|| self.redis_url()),
+                    )
                     .arg("--store-listen")
                     .arg(format!("127.0.0.1:{}", p.store))
                     .arg("--admin-listen")
