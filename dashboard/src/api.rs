@@ -47,10 +47,12 @@ pub enum ApiError {
     Decode(String),
 }
 
-/// The path of a key: `/api/keys/{scope}/{key}` with both parts percent-encoded.
-pub fn key_path(scope: &str, key: &str) -> String {
+/// The URL of one record: `/api/record?scope=…&key=…` (the query form, because a key `.`
+/// or `..` in a path is a dot segment the browser resolves away, even percent-encoded);
+/// `suffix` is `""` or `"/release"`.
+pub fn key_path(scope: &str, key: &str, suffix: &str) -> String {
     format!(
-        "/api/keys/{}/{}",
+        "/api/record{suffix}?scope={}&key={}",
         encode_component(scope),
         encode_component(key)
     )
@@ -221,7 +223,7 @@ impl Api {
     /// # Errors
     /// [`ApiError::NotFound`] when the record does not exist (any more); see [`ApiError`].
     pub async fn key(&self, scope: &str, key: &str) -> Result<KeyDetail, ApiError> {
-        self.get(&key_path(scope, key)).await
+        self.get(&key_path(scope, key, "")).await
     }
 
     /// `DELETE /api/keys/{scope}/{key}`: purge one record.
@@ -229,7 +231,7 @@ impl Api {
     /// # Errors
     /// See [`ApiError`].
     pub async fn purge_key(&self, scope: &str, key: &str) -> Result<PurgeOutcome, ApiError> {
-        let rb = self.authorize(Request::delete(&key_path(scope, key)), None);
+        let rb = self.authorize(Request::delete(&key_path(scope, key, "")), None);
         self.exec(rb.build(), false).await
     }
 
@@ -238,7 +240,7 @@ impl Api {
     /// # Errors
     /// See [`ApiError`].
     pub async fn release_key(&self, scope: &str, key: &str) -> Result<PurgeOutcome, ApiError> {
-        let path = format!("{}/release", key_path(scope, key));
+        let path = key_path(scope, key, "/release");
         let rb = self.authorize(Request::post(&path), None);
         self.exec(rb.build(), false).await
     }
@@ -282,7 +284,14 @@ mod tests {
 
     #[test]
     fn paths_and_queries() {
-        assert_eq!(key_path("global", "a/b c"), "/api/keys/global/a%2Fb%20c");
+        assert_eq!(
+            key_path("global", "a/b c", ""),
+            "/api/record?scope=global&key=a%2Fb%20c"
+        );
+        assert_eq!(
+            key_path("global", "..", "/release"),
+            "/api/record/release?scope=global&key=%2E%2E"
+        );
         let q = KeyListQuery {
             state: Some(KeyState::InFlight),
             prefix: Some("ord-".into()),

@@ -6,17 +6,29 @@ use idemgate_protocol::admin::{EventKind, KeyState};
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 /// Characters left as they are when encoding a path segment or query value: the RFC 3986
-/// unreserved set (`A-Z a-z 0-9 - . _ ~`); everything else is percent-encoded.
-const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
+/// unreserved set (`A-Z a-z 0-9 - _ ~`) but `.`, which is encoded too, so a key `.` or
+/// `..` stays one segment instead of being resolved as a dot segment by the URL parser.
+const COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'~');
 
 /// Percent-encodes `s` for use as one URL path segment or query value (like
 /// `encodeURIComponent`, but also encoding `!'()*`).
 pub fn encode_component(s: &str) -> String {
     utf8_percent_encode(s, COMPONENT).to_string()
+}
+
+/// A key as a URL-safe query value: base64url without padding (RFC 4648 section 5).
+pub fn key_param(key: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key.as_bytes())
+}
+
+/// The key of [`key_param`], `None` when the value is not one.
+pub fn key_from_param(value: &str) -> Option<String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(value.as_bytes())
+        .ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// Builds `?a=1&b=2` from pairs, skipping empty values; `""` when nothing is left.
@@ -230,7 +242,15 @@ mod tests {
 
     #[test]
     fn encodes_keys_for_paths() {
-        assert_eq!(encode_component("k-1_a.b~"), "k-1_a.b~");
+        assert_eq!(encode_component("k-1_a.b~"), "k-1_a%2Eb~");
+        assert_eq!(encode_component(".."), "%2E%2E");
+        for key in ["a%2Fb", "a/b", "..", "k?x=1&y", "\"q\""] {
+            assert_eq!(key_from_param(&key_param(key)).as_deref(), Some(key));
+            assert!(key_param(key)
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        }
+        assert_ne!(key_param("a%2Fb"), key_param("a/b"));
         assert_eq!(encode_component("a/b c?&="), "a%2Fb%20c%3F%26%3D");
         assert_eq!(encode_component("é"), "%C3%A9");
     }

@@ -120,7 +120,8 @@ pub struct KeyDetail {
     pub response: Option<ResponsePreview>,
 }
 
-/// `DELETE /api/keys/{scope}/{key}` and `POST /api/keys/{scope}/{key}/release`.
+/// `DELETE /api/keys/{scope}/{key}` (a completed record; an in-flight one is refused with
+/// 409 `in-flight`) and `POST /api/keys/{scope}/{key}/release` (an in-flight record only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PurgeOutcome {
     /// Whether a record was deleted (false: it did not exist, or for release it was not
@@ -131,8 +132,12 @@ pub struct PurgeOutcome {
 /// `POST /api/purge`: bulk purge by scope, route or key prefix (at least one).
 ///
 /// Two steps: `dry_run: true` counts and returns a confirmation token bound to exactly
-/// this filter; the real run repeats the filter with that token within its lifetime.
+/// this filter; the real run repeats the filter with that token within its lifetime and
+/// deletes only records claimed before the dry run. In-flight records are never purged
+/// (their request may still execute upstream; releasing a stuck lock is a separate,
+/// per-key action). Unknown fields are refused, so a misspelt filter cannot widen a purge.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BulkPurgeRequest {
     /// Only records of this scope.
     pub scope: Option<String>,
@@ -152,8 +157,11 @@ pub struct BulkPurgeRequest {
 pub enum BulkPurgeOutcome {
     /// The dry run's count and the token that confirms the real run.
     DryRun {
-        /// Records matching now.
+        /// Completed records matching now (what the real run deletes at most).
         matched: u64,
+        /// In-flight records matching now, which a purge leaves alone.
+        #[serde(default)]
+        in_flight: u64,
         /// Confirmation token for the real run.
         confirmation: String,
         /// When the token stops being accepted.
@@ -163,6 +171,9 @@ pub enum BulkPurgeOutcome {
     Purged {
         /// Records deleted.
         purged: u64,
+        /// In-flight records left alone.
+        #[serde(default)]
+        skipped_in_flight: u64,
     },
 }
 

@@ -116,16 +116,63 @@ pub async fn key_show(
     Ok(Json(keys::detail(&state.store, &id).await?))
 }
 
+/// `?scope=…&key=…` of the `/api/record` routes: the same as `/api/keys/{scope}/{key}`,
+/// for keys a URL path cannot carry (`.` and `..` are dot segments to every WHATWG URL
+/// parser, browsers and the CLI's HTTP client alike, even percent-encoded).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordQuery {
+    /// Scope hash or `global`.
+    pub scope: String,
+    /// The idempotency key.
+    pub key: String,
+}
+
+/// `GET /api/record?scope=…&key=…`: as [`key_show`].
+pub async fn record_show(
+    state: State<Arc<AppState>>,
+    q: Result<Query<RecordQuery>, QueryRejection>,
+) -> Result<Json<KeyDetail>, AppError> {
+    let Query(q) = q.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    key_show(state, Path((q.scope, q.key))).await
+}
+
+/// `DELETE /api/record?scope=…&key=…`: as [`key_purge`].
+pub async fn record_purge(
+    state: State<Arc<AppState>>,
+    actor: Extension<Actor>,
+    q: Result<Query<RecordQuery>, QueryRejection>,
+) -> Result<Json<PurgeOutcome>, AppError> {
+    let Query(q) = q.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    key_purge(state, actor, Path((q.scope, q.key))).await
+}
+
+/// `POST /api/record/release?scope=…&key=…`: as [`key_release`].
+pub async fn record_release(
+    state: State<Arc<AppState>>,
+    actor: Extension<Actor>,
+    q: Result<Query<RecordQuery>, QueryRejection>,
+) -> Result<Json<PurgeOutcome>, AppError> {
+    let Query(q) = q.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    key_release(state, actor, Path((q.scope, q.key))).await
+}
+
 async fn delete_one(
     state: &AppState,
     id: &RecordId,
-    only_state: &str,
+    rule: keys::DeleteRule<'_>,
     kind: EventKind,
     actor: String,
 ) -> Result<PurgeOutcome, AppError> {
     let mut conn = state.store.conn().await?;
     let rkey = state.store.record_key(id);
-    let d = keys::delete(&state.store, &mut conn, &rkey, only_state, "").await?;
+    let d = keys::delete(&state.store, &mut conn, &rkey, rule).await?;
+    if !d.deleted && rule.skip_state.is_some() && d.state.as_deref() == rule.skip_state {
+        return Err(AppError::InFlight(format!(
+            "key {:?} is in flight: purging it would let a retry execute while the first request may still run upstream; release its lock instead if you know it is stuck",
+            id.key
+        )));
+    }
     if d.deleted {
         let mut e = event(kind);
         e.scope = Some(id.scope.clone());
@@ -137,7 +184,9 @@ async fn delete_one(
     Ok(PurgeOutcome { purged: d.deleted })
 }
 
-/// `DELETE /api/keys/{scope}/{key}`: deletes the record in any state; event `purged`.
+/// `DELETE /api/keys/{scope}/{key}`: deletes a completed record; event `purged`. An
+/// in-flight record is refused with 409 `in-flight` (its request may still execute
+/// upstream; the release endpoint is the deliberate tool for a stuck lock).
 pub async fn key_purge(
     State(state): State<Arc<AppState>>,
     Extension(Actor(actor)): Extension<Actor>,
@@ -145,7 +194,17 @@ pub async fn key_purge(
 ) -> Result<Json<PurgeOutcome>, AppError> {
     let id = record_id(scope, key)?;
     Ok(Json(
-        delete_one(&state, &id, "", EventKind::Purged, actor).await?,
+        delete_one(
+            &state,
+            &id,
+            keys::DeleteRule {
+                skip_state: Some(IN_FLIGHT),
+                ..keys::DeleteRule::default()
+            },
+            EventKind::Purged,
+            actor,
+        )
+        .await?,
     ))
 }
 
@@ -158,11 +217,25 @@ pub async fn key_release(
 ) -> Result<Json<PurgeOutcome>, AppError> {
     let id = record_id(scope, key)?;
     Ok(Json(
-        delete_one(&state, &id, "in_flight", EventKind::LockReleased, actor).await?,
+        delete_one(
+            &state,
+            &id,
+            keys::DeleteRule {
+                only_state: Some(IN_FLIGHT),
+                ..keys::DeleteRule::default()
+            },
+            EventKind::LockReleased,
+            actor,
+        )
+        .await?,
     ))
 }
 
-/// The filter a confirmation token is bound to (stored as this JSON).
+/// The record state a purge never deletes (see [`keys::DeleteRule::skip_state`]).
+const IN_FLIGHT: &str = "in_flight";
+
+/// The filter a confirmation token is bound to (stored as this JSON, then a newline and
+/// the dry run's time in milliseconds).
 #[derive(Debug, Serialize, PartialEq)]
 struct BulkFilter<'a> {
     scope: Option<&'a str>,
@@ -220,36 +293,40 @@ pub async fn bulk_purge(
 
     if req.dry_run {
         let matched = std::sync::atomic::AtomicU64::new(0);
+        let in_flight = std::sync::atomic::AtomicU64::new(0);
+        let dry_run_ms = now_ms();
         let conn = store.conn().await?;
         keys::scan_all(store, &pattern, BULK_BUDGET, |batch| {
             let conn = conn.clone();
-            let matched = &matched;
+            let (matched, in_flight) = (&matched, &in_flight);
             async move {
-                let n = if route.is_empty() {
-                    batch.len() as u64
-                } else {
-                    let cmds = batch
-                        .iter()
-                        .map(|k| {
-                            let mut c = redis::cmd("HGET");
-                            c.arg(k).arg("route");
-                            c
-                        })
-                        .collect();
-                    let routes: Vec<redis::RedisResult<Option<String>>> = conn.many(cmds).await;
-                    let mut n = 0;
-                    for r in routes {
-                        if r.map_err(crate::store::StoreError::from)?.as_deref() == Some(route) {
-                            n += 1;
-                        }
+                let cmds = batch
+                    .iter()
+                    .map(|k| {
+                        let mut c = redis::cmd("HMGET");
+                        c.arg(k).arg("state").arg("route");
+                        c
+                    })
+                    .collect();
+                let fields: Vec<redis::RedisResult<(Option<String>, Option<String>)>> =
+                    conn.many(cmds).await;
+                for f in fields {
+                    let (st, rt) = f.map_err(crate::store::StoreError::from)?;
+                    if !route.is_empty() && rt.as_deref() != Some(route) {
+                        continue;
                     }
-                    n
-                };
-                matched.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    let counter = if st.as_deref() == Some(IN_FLIGHT) {
+                        in_flight
+                    } else {
+                        matched
+                    };
+                    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
                 Ok(())
             }
         })
         .await?;
+        let canonical = format!("{canonical}\n{dry_run_ms}");
         let token = crate::store::new_fencing_token();
         let mut conn = store.conn().await?;
         let key = store.admin_key(&format!("purge:{token}"));
@@ -267,6 +344,7 @@ pub async fn bulk_purge(
             .await?;
         return Ok(Json(BulkPurgeOutcome::DryRun {
             matched: matched.into_inner(),
+            in_flight: in_flight.into_inner(),
             confirmation: token,
             confirmation_expires_ms: now_ms() + CONFIRMATION_TTL_MS,
         }));
@@ -288,32 +366,43 @@ pub async fn bulk_purge(
     let bound: Option<String> = store
         .timed(async { conn.query(redis::cmd("GETDEL").arg(&key)).await })
         .await?;
-    match bound {
+    let dry_run_ms = match bound.as_deref().and_then(|b| b.rsplit_once('\n')) {
         None => {
             return Err(AppError::ConfirmationMismatch(
                 "the confirmation token is unknown, used or expired; run the dry run again".into(),
             ))
         }
-        Some(b) if b != canonical => {
+        Some((f, _)) if f != canonical => {
             return Err(AppError::ConfirmationMismatch(
                 "the confirmation token was issued for another filter; run the dry run again"
                     .into(),
             ))
         }
-        Some(_) => {}
-    }
+        Some((_, ms)) => ms.parse::<u64>().ok(),
+    };
+    // Only what the dry run could count: no record claimed after it, none in flight.
+    let rule = keys::DeleteRule {
+        only_route: filter.route,
+        skip_state: Some(IN_FLIGHT),
+        created_before_ms: dry_run_ms,
+        ..keys::DeleteRule::default()
+    };
     let purged = std::sync::atomic::AtomicU64::new(0);
+    let skipped = std::sync::atomic::AtomicU64::new(0);
     keys::scan_all(store, &pattern, BULK_BUDGET, |batch| {
         let conn = conn.clone();
-        let purged = &purged;
+        let (purged, skipped) = (&purged, &skipped);
         async move {
             let futures = batch.iter().map(|k| {
                 let mut conn = conn.clone();
-                async move { keys::delete(store, &mut conn, k, "", route).await }
+                async move { keys::delete(store, &mut conn, k, rule).await }
             });
             for d in futures_util::future::join_all(futures).await {
-                if d?.deleted {
+                let d = d?;
+                if d.deleted {
                     purged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else if d.state.as_deref() == Some(IN_FLIGHT) {
+                    skipped.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             Ok(())
@@ -321,17 +410,21 @@ pub async fn bulk_purge(
     })
     .await?;
     let purged = purged.into_inner();
+    let skipped_in_flight = skipped.into_inner();
     let mut e = event(EventKind::Purged);
     e.scope = filter.scope.map(str::to_owned);
     e.route = filter.route.map(str::to_owned);
     e.detail = Some(format!(
-        "bulk purge {}: {purged} records",
+        "bulk purge {}: {purged} records ({skipped_in_flight} in flight left alone)",
         filter.describe()
     ));
     e.actor = Some(actor);
     e.count = Some(purged);
     state.events.publish(e);
-    Ok(Json(BulkPurgeOutcome::Purged { purged }))
+    Ok(Json(BulkPurgeOutcome::Purged {
+        purged,
+        skipped_in_flight,
+    }))
 }
 
 /// `GET /api/stats`: the three windows from Redis, plus `in_flight_now` (counted by a

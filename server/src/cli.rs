@@ -204,9 +204,11 @@ impl Client {
     }
 }
 
-fn key_path(scope: &str, key: &str) -> String {
+/// `/api/record{suffix}?scope=…&key=…`: the query form, because a key `.` or `..` in a
+/// URL path is a dot segment any WHATWG URL parser resolves away, even percent-encoded.
+fn key_path(scope: &str, key: &str, suffix: &str) -> String {
     format!(
-        "/api/keys/{}/{}",
+        "/api/record{suffix}?scope={}&key={}",
         utf8_percent_encode(scope, NON_ALPHANUMERIC),
         utf8_percent_encode(key, NON_ALPHANUMERIC)
     )
@@ -370,7 +372,11 @@ pub async fn keys(client: &ClientArgs, cmd: KeysCommand) -> Result<(), CliError>
         }
         KeysCommand::Show { scope, key } => {
             let d: KeyDetail = c
-                .call(reqwest::Method::GET, &key_path(&scope, &key), None::<&()>)
+                .call(
+                    reqwest::Method::GET,
+                    &key_path(&scope, &key, ""),
+                    None::<&()>,
+                )
                 .await?;
             if client.json {
                 print_json(&d);
@@ -474,11 +480,11 @@ pub async fn one(
     let (method, path, verb) = if release {
         (
             reqwest::Method::POST,
-            format!("{}/release", key_path(scope, key)),
+            key_path(scope, key, "/release"),
             "released",
         )
     } else {
-        (reqwest::Method::DELETE, key_path(scope, key), "purged")
+        (reqwest::Method::DELETE, key_path(scope, key, ""), "purged")
     };
     let out: PurgeOutcome = c.call(method, &path, None::<&()>).await?;
     if client.json {
@@ -511,6 +517,7 @@ pub async fn bulk(client: &ClientArgs, a: BulkArgs) -> Result<(), CliError> {
         .await?;
     let BulkPurgeOutcome::DryRun {
         matched,
+        in_flight,
         confirmation,
         ..
     } = dry.clone()
@@ -521,7 +528,7 @@ pub async fn bulk(client: &ClientArgs, a: BulkArgs) -> Result<(), CliError> {
         if client.json {
             print_json(&dry);
         } else {
-            out!("{matched} record(s) match; run again with --yes to delete them");
+            out!("{matched} record(s) match ({in_flight} in flight, which a purge leaves alone); run again with --yes to delete them");
         }
         return Ok(());
     }
@@ -532,8 +539,12 @@ pub async fn bulk(client: &ClientArgs, a: BulkArgs) -> Result<(), CliError> {
         .await?;
     if client.json {
         print_json(&done);
-    } else if let BulkPurgeOutcome::Purged { purged } = done {
-        out!("purged {purged} record(s) ({matched} matched the dry run)");
+    } else if let BulkPurgeOutcome::Purged {
+        purged,
+        skipped_in_flight,
+    } = done
+    {
+        out!("purged {purged} record(s) ({matched} matched the dry run; {skipped_in_flight} in flight left alone)");
     }
     Ok(())
 }

@@ -43,6 +43,10 @@ pub enum AppError {
     /// A bulk purge confirmation that is unknown, expired or for another filter.
     #[error("confirmation mismatch: {0}")]
     ConfirmationMismatch(String),
+    /// 409 `in-flight`: an operator tried to purge a record whose request may still be
+    /// executing upstream.
+    #[error("in flight: {0}")]
+    InFlight(String),
     /// The store could not answer.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -69,6 +73,7 @@ impl IntoResponse for AppError {
                 );
                 return response;
             }
+            AppError::InFlight(detail) => Problem::new(ProblemType::InFlight, detail.clone()),
             AppError::ConfirmationMismatch(detail) => {
                 Problem::new(ProblemType::ConfirmationMismatch, detail.clone())
             }

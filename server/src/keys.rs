@@ -412,8 +412,21 @@ pub struct Deleted {
     pub state: Option<String>,
 }
 
-/// Deletes one record (all conditions in one script on the record's key).
-/// `only_state`/`only_route`: delete only when the record is in that state / of that route.
+/// Conditions of [`delete`], all checked in one script on the record's key.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeleteRule<'a> {
+    /// Delete only in this state (`in_flight` for a lock release).
+    pub only_state: Option<&'a str>,
+    /// Delete only records of this route.
+    pub only_route: Option<&'a str>,
+    /// Leave records in this state alone (purges skip `in_flight`: deleting one would let
+    /// a retry execute while the first request may still run upstream).
+    pub skip_state: Option<&'a str>,
+    /// Delete only records claimed at or before this time (a bulk purge's dry run).
+    pub created_before_ms: Option<u64>,
+}
+
+/// Deletes one record if it satisfies `rule`.
 ///
 /// # Errors
 /// Redis errors or timeout.
@@ -421,11 +434,18 @@ pub async fn delete(
     store: &Store,
     conn: &mut Conn,
     rkey: &str,
-    only_state: &str,
-    only_route: &str,
+    rule: DeleteRule<'_>,
 ) -> Result<Deleted, AppError> {
     let mut invocation = ADMIN_DELETE_SCRIPT.key(rkey);
-    invocation.arg(only_state).arg(only_route);
+    invocation
+        .arg(rule.only_state.unwrap_or(""))
+        .arg(rule.only_route.unwrap_or(""))
+        .arg(rule.skip_state.unwrap_or(""))
+        .arg(
+            rule.created_before_ms
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+        );
     let answer: (i64, Option<String>, Option<String>) = store
         .timed(async { invocation.invoke_async(conn).await })
         .await?;

@@ -166,6 +166,11 @@ pub fn admin_app(state: Arc<AppState>) -> Router {
             get(admin::key_show).delete(admin::key_purge),
         )
         .route("/api/keys/{scope}/{key}/release", post(admin::key_release))
+        .route(
+            "/api/record",
+            get(admin::record_show).delete(admin::record_purge),
+        )
+        .route("/api/record/release", post(admin::record_release))
         .route("/api/purge", post(admin::bulk_purge))
         .route("/api/stats", get(admin::stats))
         .route("/api/events", get(admin::events))

@@ -55,10 +55,17 @@ pub fn document() -> Value {
             ]))},
             "/api/keys/{scope}/{key}": {
                 "get": op("One record in detail (404 when absent)", "KeyDetail", key_params.clone()),
-                "delete": op("Purge one record; event `purged`", "PurgeOutcome", key_params.clone())
+                "delete": op("Purge one completed record; event `purged`. An in-flight record is refused with 409 in-flight (its request may still execute upstream: release is the stuck-lock tool)", "PurgeOutcome", key_params.clone())
             },
             "/api/keys/{scope}/{key}/release": {
                 "post": op("Release an in-flight lock (completed records untouched); event `lock_released`", "PurgeOutcome", key_params)
+            },
+            "/api/record": {
+                "get": op("As GET /api/keys/{scope}/{key}, with scope and key as query parameters (for keys such as `..` that a URL path cannot carry)", "KeyDetail", json!([q("scope", "string", "scope hash or global"), q("key", "string", "the idempotency key")])),
+                "delete": op("As DELETE /api/keys/{scope}/{key} (409 in-flight for a record still executing)", "PurgeOutcome", json!([q("scope", "string", "scope hash or global"), q("key", "string", "the idempotency key")]))
+            },
+            "/api/record/release": {
+                "post": op("As POST /api/keys/{scope}/{key}/release", "PurgeOutcome", json!([q("scope", "string", "scope hash or global"), q("key", "string", "the idempotency key")]))
             },
             "/api/purge": {"post": {
                 "summary": "Bulk purge by scope/route/prefix: dry run with a confirmation token, then the real run",

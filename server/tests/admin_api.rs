@@ -355,10 +355,12 @@ async fn bulk_purge_needs_a_matching_fresh_confirmation() {
     let a = scope("a");
     let b = scope("b");
     for i in 0..25 {
-        acquire(&store, &a, &format!("tmp-{i}"), &fp("x"), 600_000).await;
-        acquire(&store, &a, &format!("keep-{i}"), &fp("x"), 600_000).await;
-        acquire(&store, &b, &format!("tmp-{i}"), &fp("x"), 600_000).await;
+        completed(&store, &a, &format!("tmp-{i}"), &fp("x")).await;
+        completed(&store, &a, &format!("keep-{i}"), &fp("x")).await;
+        completed(&store, &b, &format!("tmp-{i}"), &fp("x")).await;
     }
+    // In flight: a purge never deletes these (their request may still be executing).
+    acquire(&store, &a, "tmp-running", &fp("x"), 600_000).await;
     let r = admin_call(&admin, "POST", "/api/purge", &json!({"dry_run": true})).await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
@@ -379,6 +381,7 @@ async fn bulk_purge_needs_a_matching_fresh_confirmation() {
                     matched,
                     confirmation,
                     confirmation_expires_ms,
+                    ..
                 } => {
                     assert!(confirmation_expires_ms > idemgate_server::events::now_ms());
                     (matched, confirmation)
@@ -430,6 +433,9 @@ async fn bulk_purge_needs_a_matching_fresh_confirmation() {
         .await;
     assert_eq!(r.status, StatusCode::CONFLICT);
 
+    // A record claimed after the dry run is not deleted by its confirmation.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    completed(&store, &a, "tmp-late", &fp("x")).await;
     let r =
         real(json!({"scope": a, "prefix": "tmp-", "dry_run": false, "confirmation": token})).await;
     assert_eq!(
@@ -438,23 +444,48 @@ async fn bulk_purge_needs_a_matching_fresh_confirmation() {
         "{}",
         String::from_utf8_lossy(&r.body)
     );
-    assert_eq!(r.json(), json!({"mode": "purged", "purged": 25}));
+    assert_eq!(
+        r.json(),
+        json!({"mode": "purged", "purged": 25, "skipped_in_flight": 1})
+    );
+    let late = admin_get(&admin, &format!("/api/keys/{a}/tmp-late")).await;
+    assert_eq!(late.status, StatusCode::OK, "newer than the dry run: kept");
+    let running = admin_get(&admin, &format!("/api/keys/{a}/tmp-running")).await;
+    assert_eq!(running.json()["state"], "in_flight", "in flight: kept");
+    // A misspelt filter field is refused, never ignored (which would widen the purge).
+    let r = admin_call(
+        &admin,
+        "POST",
+        "/api/purge",
+        &json!({"dry_run": true, "scope": a, "prefx": "x"}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
     // One use only.
     let r =
         real(json!({"scope": a, "prefix": "tmp-", "dry_run": false, "confirmation": token})).await;
     assert_eq!(r.status, StatusCode::CONFLICT);
     let (matched, _) = dry(json!({"prefix": "tmp-"})).await;
-    assert_eq!(matched, 25, "scope b's tmp- keys are untouched");
+    assert_eq!(
+        matched, 26,
+        "scope b's tmp- keys (and tmp-late) are untouched"
+    );
     let (matched, _) = dry(json!({"scope": a})).await;
-    assert_eq!(matched, 25, "scope a's keep- keys are untouched");
+    assert_eq!(
+        matched, 26,
+        "scope a's keep- keys (and tmp-late) are untouched"
+    );
 
     // By route (checked per record in the delete script).
     let (_, token) = dry(json!({"route": "payments"})).await;
     let r = real(json!({"route": "payments", "dry_run": false, "confirmation": token})).await;
-    assert_eq!(r.json(), json!({"mode": "purged", "purged": 50}));
+    assert_eq!(
+        r.json(),
+        json!({"mode": "purged", "purged": 51, "skipped_in_flight": 1})
+    );
 
     let events = wait_events(&admin, "kind=purged", |e| e.len() >= 2).await;
-    assert_eq!(events[0].count, Some(50));
+    assert_eq!(events[0].count, Some(51));
     assert_eq!(events[1].count, Some(25));
     assert_eq!(events[1].actor.as_deref(), Some("tester"));
     assert!(
@@ -612,4 +643,72 @@ async fn openapi_document_and_dashboard_files() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     let r = send(&app, "GET", "/api/health", "").await;
     assert_eq!(r.json()["redis"], "up");
+}
+
+#[tokio::test]
+async fn record_routes_carry_any_key_and_purge_never_deletes_an_in_flight_record() {
+    let redis = RedisServer::start();
+    let (store, admin) = apps(&redis.url());
+    let s = scope("odd");
+    completed(&store, &s, "..", &fp("x")).await;
+    completed(&store, &s, "a%2Fb", &fp("x")).await;
+    completed(&store, &s, "a/b", &fp("x")).await;
+    acquire(&store, &s, "running", &fp("x"), 600_000).await;
+
+    let r = admin_get(&admin, &format!("/api/record?scope={s}&key=%2E%2E")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["key"], "..");
+    let r = admin_get(&admin, &format!("/api/record?scope={s}&key=a%252Fb")).await;
+    assert_eq!(r.json()["key"], "a%2Fb", "decoded exactly once");
+    let r = admin_get(&admin, &format!("/api/record?scope={s}&key=x&extra=1")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Purging an in-flight record is refused: its request may still run upstream.
+    let r = admin_call(
+        &admin,
+        "DELETE",
+        &format!("/api/record?scope={s}&key=running"),
+        &json!(null),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::CONFLICT,
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(r.json()["type"], "urn:idemgate:problem:in-flight");
+    let r = admin_call(
+        &admin,
+        "DELETE",
+        &format!("/api/keys/{s}/running"),
+        &json!(null),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(
+        admin_get(&admin, &format!("/api/record?scope={s}&key=running"))
+            .await
+            .json()["state"],
+        "in_flight"
+    );
+    // Release is the deliberate tool; then a completed record purges.
+    let r = admin_call(
+        &admin,
+        "POST",
+        &format!("/api/record/release?scope={s}&key=running"),
+        &json!(null),
+    )
+    .await;
+    assert_eq!(r.json(), json!({"purged": true}));
+    let r = admin_call(
+        &admin,
+        "DELETE",
+        &format!("/api/record?scope={s}&key=%2E%2E"),
+        &json!(null),
+    )
+    .await;
+    assert_eq!(r.json(), json!({"purged": true}));
+    let r = admin_get(&admin, &format!("/api/record?scope={s}&key=a%2Fb")).await;
+    assert_eq!(r.json()["key"], "a/b", "the other record is untouched");
 }

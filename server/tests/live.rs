@@ -406,19 +406,26 @@ async fn cli_lists_shows_purges_and_reports_stats() {
         serde_json::from_str::<Value>(&out).unwrap(),
         json!({"purged": true})
     );
-    let (code, out, _) = run(v(&["keys", "purge", &s, "cli-1"])).await.unwrap();
-    assert_eq!(code, 0);
-    assert!(out.contains("purged"), "{out}");
+    // An in-flight key is not purged (its request may still run): release is the tool.
+    let (code, _, err) = run(v(&["keys", "purge", &s, "cli-1"])).await.unwrap();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("in-flight") || err.contains("in flight"),
+        "{err}"
+    );
 
-    // Bulk purge: a dry run without --yes deletes nothing.
+    // Bulk purge: a dry run without --yes deletes nothing; in-flight keys are left alone.
     let (code, out, err) = run(v(&["purge", "--prefix", "cli-"])).await.unwrap();
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("1 record"), "{out}");
+    assert!(out.contains("0 record(s) match (2 in flight"), "{out}");
     let (code, out, err) = run(v(&["purge", "--prefix", "cli-", "--yes"]))
         .await
         .unwrap();
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("purged 1"), "{out}");
+    assert!(
+        out.contains("purged 0") && out.contains("2 in flight left alone"),
+        "{out}"
+    );
 
     let (code, out, err) = run(v(&["stats"])).await.unwrap();
     assert_eq!(code, 0, "{err}");

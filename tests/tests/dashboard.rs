@@ -386,6 +386,32 @@ async fn scenario(c: &Client, stack: &mut Stack, token: &str) -> Result<()> {
         bail!("the slow request answered {}", slow.status);
     }
 
+    // Keys holding `%XX` or dots name exactly their own record, and an in-flight key
+    // offers no Purge (the server refuses it).
+    for odd in ["pct%2Fkey", ".."] {
+        let r = pay(stack, odd)?;
+        if r.status != 201 {
+            bail!("POST with key {odd:?} answered {}", r.status);
+        }
+    }
+    let decoy = pay(stack, "pct/key")?;
+    if decoy.status != 201 {
+        bail!("POST with key pct/key answered {}", decoy.status);
+    }
+    for odd in ["pct%2Fkey", ".."] {
+        c.goto(&format!("{base}keys")).await?;
+        click(c, &format!("tr[data-key=\"{odd}\"] td.key a")).await?;
+        let detail = find(c, "#key-detail[data-state=\"completed\"]").await?;
+        let shown = text_of(c, "#detail-key").await?.unwrap_or_default();
+        if shown != odd {
+            bail!("the detail page of {odd:?} shows {shown:?}");
+        }
+        let _ = detail;
+        if c.find(fantoccini::Locator::Css("#release")).await.is_ok() {
+            bail!("a completed key offers Release lock");
+        }
+    }
+
     // A narrow window still works.
     c.set_window_size(420, 900).await?;
     click(c, "header nav a[href=\"/keys\"]").await?;

@@ -322,3 +322,27 @@ pub async fn acquire(
     );
     token
 }
+
+/// Claims and completes a record (status 201, a small JSON body); returns the token used.
+pub async fn completed(app: &Router, scope: &str, key: &str, fingerprint: &str) -> String {
+    let token = acquire(app, scope, key, fingerprint, 600_000).await;
+    let r = post(
+        app,
+        "/v1/complete",
+        &serde_json::json!({
+            "record": {"scope": scope, "key": key},
+            "fencing_token": token,
+            "status": 201,
+            "response": {"status": 201, "headers": [["content-type", "application/json"]], "body": "e30="},
+            "ttl_s": 600
+        }),
+    )
+    .await;
+    assert_eq!(
+        r.json()["outcome"],
+        "completed",
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    token
+}

@@ -28,7 +28,7 @@ enum Action {
     Release,
 }
 
-/// The key detail page (`/key?scope=…&key=…`).
+/// The key detail page (`/key?scope=…&k=<base64url key>`).
 #[component]
 pub fn KeyDetailPage() -> impl IntoView {
     let api = use_api();
@@ -37,7 +37,13 @@ pub fn KeyDetailPage() -> impl IntoView {
     let navigate = use_navigate();
     let query = use_query_map();
     let scope = Memo::new(move |_| query.with(|q| q.get("scope").unwrap_or_default()));
-    let key = Memo::new(move |_| query.with(|q| q.get("key").unwrap_or_default()));
+    let key = Memo::new(move |_| {
+        query.with(|q| {
+            q.get("k")
+                .and_then(|k| crate::format::key_from_param(&k))
+                .unwrap_or_default()
+        })
+    });
     let tick = RwSignal::new(0u64);
     every(5_000, tick);
     let refresh = throttled(tick);
@@ -196,10 +202,14 @@ fn DetailView(
             <div class="section-head">
                 <h2>"Record"</h2>
                 <div class="actions">
+                    // An in-flight key is never purged (the server refuses: its request may
+                    // still run upstream); Release lock is the deliberate stuck-lock tool.
                     {in_flight.then(|| view! {
                         <button id="release" class="btn warn" disabled=move || busy.get() on:click=move |_| ask(Action::Release)>"Release lock"</button>
                     })}
-                    <button id="purge" class="btn danger" disabled=move || busy.get() on:click=move |_| ask(Action::Purge)>"Purge"</button>
+                    {(!in_flight).then(|| view! {
+                        <button id="purge" class="btn danger" disabled=move || busy.get() on:click=move |_| ask(Action::Purge)>"Purge"</button>
+                    })}
                 </div>
             </div>
             <dl class="facts">

@@ -43,12 +43,14 @@ pub enum FilterField {
     Route,
 }
 
-/// Client route of a key's detail page.
+/// Client route of a key's detail page. The key travels as base64url (`k=`): a key may
+/// itself contain `%XX`, which a percent-encoded query value would let the router decode
+/// a second time and so name another record.
 pub fn detail_href(scope: &str, key: &str) -> String {
     format!(
-        "/key?scope={}&key={}",
+        "/key?scope={}&k={}",
         encode_component(scope),
-        encode_component(key)
+        crate::format::key_param(key)
     )
 }
 

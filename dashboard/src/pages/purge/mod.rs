@@ -13,6 +13,7 @@ use crate::components::confirm::Confirm;
 struct DryRun {
     filter: BulkPurgeRequest,
     matched: u64,
+    in_flight: u64,
     confirmation: String,
 }
 
@@ -80,12 +81,14 @@ pub fn BulkPurgePage() -> impl IntoView {
             match r {
                 Ok(BulkPurgeOutcome::DryRun {
                     matched,
+                    in_flight,
                     confirmation,
                     ..
                 }) => {
                     let _ = dry.try_set(Some(DryRun {
                         filter: f,
                         matched,
+                        in_flight,
                         confirmation,
                     }));
                 }
@@ -117,9 +120,12 @@ pub fn BulkPurgePage() -> impl IntoView {
             let _ = busy.try_set(false);
             let _ = dry.try_set(None);
             match r {
-                Ok(BulkPurgeOutcome::Purged { purged }) => {
+                Ok(BulkPurgeOutcome::Purged {
+                    purged,
+                    skipped_in_flight,
+                }) => {
                     let _ = result.try_set(Some(format!(
-                        "Purged {purged} records matching {}.",
+                        "Purged {purged} records matching {}; {skipped_in_flight} in flight left alone.",
                         describe(&d.filter)
                     )));
                 }
@@ -140,7 +146,7 @@ pub fn BulkPurgePage() -> impl IntoView {
     let title = Signal::derive(|| "Purge these records?".to_owned());
     let message = Signal::derive(move || {
         dry.get()
-            .map(|d| format!("Delete {} records matching {}? Their next requests execute again. This cannot be undone.", d.matched, describe(&d.filter)))
+            .map(|d| format!("Delete up to {} records matching {} (none claimed after the count, none in flight)? Their next requests execute again. This cannot be undone.", d.matched, describe(&d.filter)))
             .unwrap_or_default()
     });
     let confirm_label = Signal::derive(move || {
@@ -181,6 +187,7 @@ pub fn BulkPurgePage() -> impl IntoView {
             view! {
                 <section class="card" id="bulk-dry-run">
                     <p><strong id="bulk-matched">{n.to_string()}</strong> {format!(" records match {}.", describe(&d.filter))}</p>
+                    <p class="muted">{format!("{} in flight: a purge leaves those alone (their request may still run upstream; release a stuck lock from its key page).", d.in_flight)}</p>
                     {if n == 0 {
                         view! { <p class="muted">"Nothing to purge. Check the filter (scope is the hash shown on the Keys page, not the raw header)."</p> }.into_any()
                     } else {
