@@ -188,13 +188,15 @@ impl Exchange {
             self.phase = Phase::PassThrough;
             return Flow::Continue;
         };
-        let headers = host.request_headers();
-        let method = header(&headers, ":method").unwrap_or_default().to_owned();
-        let path = header(&headers, ":path").unwrap_or_default().to_owned();
+        // Only the two pseudo-headers decide whether the request is protected; the whole
+        // map is read for protected requests alone.
+        let method = host.request_header(":method").unwrap_or_default();
+        let path = host.request_header(":path").unwrap_or_default();
         let Some(route) = config.route_for(&method, &path).cloned() else {
             self.phase = Phase::PassThrough;
             return Flow::Continue;
         };
+        let headers = host.request_headers();
         host.count(Metric::Checked, 1);
 
         let keys: Vec<&str> = values(&headers, IDEMPOTENCY_KEY).collect();

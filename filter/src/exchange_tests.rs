@@ -134,6 +134,12 @@ impl Host for FakeHost {
     fn request_headers(&self) -> Vec<(String, String)> {
         self.request_headers.clone()
     }
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.request_headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    }
     fn request_body(&self, max_bytes: usize) -> Vec<u8> {
         self.request_body.iter().take(max_bytes).copied().collect()
     }

@@ -293,6 +293,24 @@ impl Host for GlueHost<'_> {
         read_map(MapType::HttpRequestHeaders)
     }
 
+    fn request_header(&self, name: &str) -> Option<String> {
+        match hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name) {
+            Ok(Some(v)) => {
+                Some(String::from_utf8(v).unwrap_or_else(|e| {
+                    format!("{OPAQUE_VALUE_PREFIX}{}", hex::encode(e.as_bytes()))
+                }))
+            }
+            Ok(None) => None,
+            Err(status) => {
+                log(
+                    Level::Warn,
+                    &format!("idemgate: cannot read header {name}: {status:?}"),
+                );
+                None
+            }
+        }
+    }
+
     fn request_body(&self, max_bytes: usize) -> Vec<u8> {
         read_buffer(BufferType::HttpRequestBody, max_bytes)
     }

@@ -121,6 +121,8 @@ pub struct StoreReply {
 pub trait Host {
     /// All request headers in order (names lowercase, pseudo-headers included).
     fn request_headers(&self) -> Vec<(String, String)>;
+    /// One request header's (first) value, `None` when absent; cheaper than the whole map.
+    fn request_header(&self, name: &str) -> Option<String>;
     /// The buffered request body, up to `max_bytes`.
     fn request_body(&self, max_bytes: usize) -> Vec<u8>;
     /// All response headers in order.
