@@ -315,8 +315,6 @@ pub struct Route {
     pub scope: ScopeSource,
     /// Response headers not stored. Default [`DEFAULT_DENY_RESPONSE_HEADERS`].
     pub deny_response_headers: Vec<HeaderPattern>,
-    /// Copied from [`StoreConfig::report_events`].
-    pub report_events: bool,
 }
 
 impl Route {
@@ -391,8 +389,7 @@ impl Config {
         let mut names = HashSet::new();
         let mut routes = Vec::with_capacity(file.routes.len());
         for (i, r) in file.routes.iter().enumerate() {
-            let mut route = resolve_route(&format!("routes[{i}]"), r, &file.defaults)?;
-            route.report_events = store.report_events;
+            let route = resolve_route(&format!("routes[{i}]"), r, &file.defaults)?;
             if !names.insert(route.name.clone()) {
                 return err(
                     format!("routes[{i}].name"),
@@ -467,58 +464,45 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         return err(format!("{at}.match"), "must start with '/'");
     }
 
-    let methods = r
-        .methods
-        .clone()
-        .or_else(|| d.methods.clone())
-        .unwrap_or_else(|| vec!["POST".into(), "PATCH".into()]);
-    let methods_at = if r.methods.is_some() {
-        format!("{at}.methods")
-    } else {
-        "defaults.methods".into()
-    };
+    let (methods_at, methods) = pick(at, "methods", &r.methods, &d.methods, || {
+        vec!["POST".into(), "PATCH".into()]
+    });
     if methods.is_empty() {
         return err(methods_at, "must list at least one method");
     }
-    for m in &methods {
-        if !KNOWN_METHODS.contains(&m.as_str()) {
-            return err(
-                methods_at,
-                format!("unknown or lowercase method {m:?}; use one of {KNOWN_METHODS:?}"),
-            );
-        }
-    }
-
-    let ttl_s = pick(at, "ttl_s", r.ttl_s, d.ttl_s, DEFAULT_TTL_S);
-    if ttl_s.1 == 0 || ttl_s.1 > MAX_TTL_S {
+    if let Some(m) = methods
+        .iter()
+        .find(|m| !KNOWN_METHODS.contains(&m.as_str()))
+    {
         return err(
-            ttl_s.0,
-            format!("must be between 1 and {MAX_TTL_S} seconds"),
+            methods_at,
+            format!("unknown or lowercase method {m:?}; use one of {KNOWN_METHODS:?}"),
         );
     }
-    let lock = pick(
-        at,
-        "lock_ttl_ms",
-        r.lock_ttl_ms,
-        d.lock_ttl_ms,
-        DEFAULT_LOCK_TTL_MS,
-    );
-    if lock.1 < 100 || lock.1 > 86_400_000 {
-        return err(lock.0, "must be between 100 and 86400000 milliseconds");
+
+    let (ttl_at, ttl_s) = pick(at, "ttl_s", &r.ttl_s, &d.ttl_s, || DEFAULT_TTL_S);
+    if ttl_s == 0 || ttl_s > MAX_TTL_S {
+        return err(ttl_at, format!("must be between 1 and {MAX_TTL_S} seconds"));
+    }
+    let (lock_at, lock_ttl_ms) = pick(at, "lock_ttl_ms", &r.lock_ttl_ms, &d.lock_ttl_ms, || {
+        DEFAULT_LOCK_TTL_MS
+    });
+    if !(100..=86_400_000).contains(&lock_ttl_ms) {
+        return err(lock_at, "must be between 100 and 86400000 milliseconds");
     }
     let req_cap = pick(
         at,
         "max_request_body_bytes",
-        r.max_request_body_bytes,
-        d.max_request_body_bytes,
-        DEFAULT_BODY_CAP_BYTES,
+        &r.max_request_body_bytes,
+        &d.max_request_body_bytes,
+        || DEFAULT_BODY_CAP_BYTES,
     );
     let resp_cap = pick(
         at,
         "max_response_body_bytes",
-        r.max_response_body_bytes,
-        d.max_response_body_bytes,
-        DEFAULT_BODY_CAP_BYTES,
+        &r.max_response_body_bytes,
+        &d.max_response_body_bytes,
+        || DEFAULT_BODY_CAP_BYTES,
     );
     for (field, v) in [&req_cap, &resp_cap] {
         if *v == 0 || *v > MAX_BODY_CAP_BYTES {
@@ -529,21 +513,13 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         }
     }
 
-    let statuses_at = if r.store_statuses.is_some() {
-        format!("{at}.store_statuses")
-    } else {
-        "defaults.store_statuses".into()
-    };
-    let statuses = r
-        .store_statuses
-        .clone()
-        .or_else(|| d.store_statuses.clone())
-        .unwrap_or_else(|| {
-            DEFAULT_STORE_STATUSES
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect()
-        });
+    let (statuses_at, statuses) = pick(
+        at,
+        "store_statuses",
+        &r.store_statuses,
+        &d.store_statuses,
+        || owned(&DEFAULT_STORE_STATUSES),
+    );
     let mut store_statuses = StatusSet {
         allow: vec![],
         deny: vec![],
@@ -567,24 +543,19 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         }
     }
 
-    let fp = r
-        .fingerprint
-        .clone()
-        .or_else(|| d.fingerprint.clone())
-        .unwrap_or_default();
-    let fp_at = if r.fingerprint.is_some() {
-        format!("{at}.fingerprint")
-    } else {
-        "defaults.fingerprint".into()
-    };
+    let (fp_at, fp) = pick(
+        at,
+        "fingerprint",
+        &r.fingerprint,
+        &d.fingerprint,
+        Default::default,
+    );
     let exclude = fp.exclude_json.unwrap_or_default();
-    for p in &exclude {
-        if !p.starts_with('/') {
-            return err(
-                format!("{fp_at}.exclude_json"),
-                format!("{p:?} is not a JSON Pointer (RFC 6901): it must start with '/'"),
-            );
-        }
+    if let Some(p) = exclude.iter().find(|p| !p.starts_with('/')) {
+        return err(
+            format!("{fp_at}.exclude_json"),
+            format!("{p:?} is not a JSON Pointer (RFC 6901): it must start with '/'"),
+        );
     }
     let body_mode = match fp.body.unwrap_or(BodyKind::Raw) {
         BodyKind::Raw if !exclude.is_empty() => {
@@ -597,27 +568,18 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         BodyKind::CanonicalJson => BodyMode::CanonicalJson { exclude },
     };
     let fingerprint_headers = fp.headers.unwrap_or_default();
-    for h in &fingerprint_headers {
-        if h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase() || b == b' ') {
-            return err(
-                format!("{fp_at}.headers"),
-                format!("{h:?} must be a lowercase header name"),
-            );
-        }
+    if let Some(h) = fingerprint_headers.iter().find(|h| !is_lowercase_name(h)) {
+        return err(
+            format!("{fp_at}.headers"),
+            format!("{h:?} must be a lowercase header name"),
+        );
     }
 
-    let scope = r
-        .scope
-        .clone()
-        .or_else(|| d.scope.clone())
-        .unwrap_or_else(|| ScopeSource::Header("authorization".into()));
-    let scope_at = if r.scope.is_some() {
-        format!("{at}.scope")
-    } else {
-        "defaults.scope".into()
-    };
+    let (scope_at, scope) = pick(at, "scope", &r.scope, &d.scope, || {
+        ScopeSource::Header("authorization".into())
+    });
     match &scope {
-        ScopeSource::Header(h) if h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase()) => {
+        ScopeSource::Header(h) if !is_lowercase_name(h) => {
             return err(scope_at, "the header name must be lowercase and not empty");
         }
         ScopeSource::Property(p) if p.is_empty() || p.iter().any(String::is_empty) => {
@@ -626,22 +588,16 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         _ => {}
     }
 
-    let deny = r
-        .deny_response_headers
-        .clone()
-        .or_else(|| d.deny_response_headers.clone())
-        .unwrap_or_else(|| {
-            DEFAULT_DENY_RESPONSE_HEADERS
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect()
-        });
-    if let Some(bad) = deny
-        .iter()
-        .find(|h| h.is_empty() || h.bytes().any(|b| b.is_ascii_uppercase()))
-    {
+    let (deny_at, deny) = pick(
+        at,
+        "deny_response_headers",
+        &r.deny_response_headers,
+        &d.deny_response_headers,
+        || owned(&DEFAULT_DENY_RESPONSE_HEADERS),
+    );
+    if let Some(bad) = deny.iter().find(|h| !is_lowercase_name(h)) {
         return err(
-            format!("{at}.deny_response_headers"),
+            deny_at,
             format!("{bad:?} must be a lowercase header name or prefix*"),
         );
     }
@@ -651,8 +607,8 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         matcher,
         methods,
         key: r.key.or(d.key).unwrap_or(KeyRequirement::Required),
-        ttl_s: ttl_s.1,
-        lock_ttl_ms: lock.1,
+        ttl_s,
+        lock_ttl_ms,
         store_statuses,
         failure_mode: r
             .failure_mode
@@ -664,23 +620,32 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         fingerprint_headers,
         scope,
         deny_response_headers: deny.into_iter().map(HeaderPattern).collect(),
-        report_events: true,
     })
 }
 
-/// The route's value, else the default's, else `fallback`, with the field path to blame.
-fn pick(
+/// The route's value, else the default's, else `fallback()`, with the path of the field
+/// that supplied it (for the error message).
+fn pick<T: Clone>(
     at: &str,
     field: &str,
-    route: Option<u64>,
-    default: Option<u64>,
-    fallback: u64,
-) -> (String, u64) {
+    route: &Option<T>,
+    default: &Option<T>,
+    fallback: impl FnOnce() -> T,
+) -> (String, T) {
     match (route, default) {
-        (Some(v), _) => (format!("{at}.{field}"), v),
-        (None, Some(v)) => (format!("defaults.{field}"), v),
-        (None, None) => (format!("{at}.{field}"), fallback),
+        (Some(v), _) => (format!("{at}.{field}"), v.clone()),
+        (None, Some(v)) => (format!("defaults.{field}"), v.clone()),
+        (None, None) => (format!("{at}.{field}"), fallback()),
     }
+}
+
+fn owned(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// A header name as the configuration must spell it: not empty, lowercase, no spaces.
+fn is_lowercase_name(name: &str) -> bool {
+    !name.is_empty() && !name.bytes().any(|b| b.is_ascii_uppercase() || b == b' ')
 }
 
 #[cfg(test)]

@@ -70,9 +70,9 @@ struct Capture {
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
-    /// Set when the response will not be stored for replay (over the cap, a header value
-    /// that is not UTF-8, an outcome Envoy cannot vouch for); the key still stays used.
-    unstored: Option<String>,
+    /// False when the response will not be stored for replay (over the cap, a header value
+    /// that is not UTF-8, an outcome nobody can vouch for); the key still stays used.
+    replayable: bool,
     /// What the status decides.
     disposition: Disposition,
 }
@@ -146,7 +146,8 @@ enum Phase {
     PassThrough,
     Buffering(Pending),
     Claiming {
-        pending: Pending,
+        route: Rc<Route>,
+        record: RecordId,
         token: u32,
     },
     Forwarded(Forwarded),
@@ -230,37 +231,17 @@ impl Exchange {
             }
         };
 
-        let scope = match &route.scope {
-            ScopeSource::Global => GLOBAL_SCOPE.to_owned(),
-            ScopeSource::Header(name) => {
-                // Repeated fields are joined in order, so no part of the credential is ignored.
-                let vals: Vec<&str> = values(&headers, name).collect();
-                // An empty credential is no credential: it must not become a shared scope.
-                if vals.iter().all(|v| v.trim().is_empty()) {
-                    let detail = format!("route {} scopes idempotency keys by the {name} header, which the request lacks or sends empty", route.name);
-                    return self.reject_request(
-                        host,
-                        &route,
-                        ProblemType::ScopeMissing,
-                        detail,
-                        Some(&key),
-                    );
-                }
-                scope_hash(&route.scope.label(), vals.join("\n").as_bytes())
+        let scope = match scope_of(host, &route, &headers) {
+            Ok(scope) => scope,
+            Err(detail) => {
+                return self.reject_request(
+                    host,
+                    &route,
+                    ProblemType::ScopeMissing,
+                    detail,
+                    Some(&key),
+                )
             }
-            ScopeSource::Property(path) => match host.property(path) {
-                Some(v) if !v.is_empty() => scope_hash(&route.scope.label(), &v),
-                _ => {
-                    let detail = format!("route {} scopes idempotency keys by the attribute {}, which the request lacks", route.name, path.join("."));
-                    return self.reject_request(
-                        host,
-                        &route,
-                        ProblemType::ScopeMissing,
-                        detail,
-                        Some(&key),
-                    );
-                }
-            },
         };
 
         if let Some(len) =
@@ -318,17 +299,18 @@ impl Exchange {
                 self.claim(host, pending, &body)
             }
             other => {
-                let hold = matches!(
-                    other,
-                    Phase::Claiming { .. } | Phase::Answered | Phase::Replaying { .. }
-                );
                 self.phase = other;
-                if hold {
-                    Flow::Pause
-                } else {
-                    Flow::Continue
-                }
+                self.request_flow()
             }
+        }
+    }
+
+    /// Request data after the decision: held while the claim is out or the filter answered
+    /// the request itself (the upstream must see none of it), else passed on.
+    fn request_flow(&self) -> Flow {
+        match self.phase {
+            Phase::Claiming { .. } | Phase::Answered | Phase::Replaying { .. } => Flow::Pause,
+            _ => Flow::Continue,
         }
     }
 
@@ -346,13 +328,8 @@ impl Exchange {
                 self.claim(host, pending, &body)
             }
             other => {
-                let hold = matches!(other, Phase::Claiming { .. } | Phase::Answered);
                 self.phase = other;
-                if hold {
-                    Flow::Pause
-                } else {
-                    Flow::Continue
-                }
+                self.request_flow()
             }
         }
     }
@@ -360,9 +337,11 @@ impl Exchange {
     /// `on_http_call_response` for a store call.
     pub fn on_store_reply(&mut self, host: &dyn Host, token: u32, reply: StoreReply) {
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Claiming { pending, token: t } if t == token => {
-                self.on_claim_reply(host, pending, reply)
-            }
+            Phase::Claiming {
+                route,
+                record,
+                token: t,
+            } if t == token => self.on_claim_reply(host, route, record, reply),
             Phase::Finishing {
                 token: t,
                 kind,
@@ -422,7 +401,7 @@ impl Exchange {
                     status,
                     headers,
                     body: Vec::new(),
-                    unstored: None,
+                    replayable: true,
                     disposition: Disposition::ByStatus,
                 };
                 match Origin::classify(details.as_deref()) {
@@ -442,13 +421,14 @@ impl Exchange {
                                 capture.fwd.route.name, capture.fwd.record.key
                             ),
                         );
-                        capture.unstored = Some(detail);
+                        capture.replayable = false;
                         capture.disposition = Disposition::Unknown;
                         return self.finish(host, capture, false);
                     }
                 }
                 if opaque {
-                    capture.unstored = Some("a response header value is not UTF-8".into());
+                    // Replaying it would alter it: complete it as not replayable.
+                    capture.replayable = false;
                     return self.finish(host, capture, false);
                 }
                 if declared.is_some_and(|len| len > capture.fwd.route.max_response_body_bytes) {
@@ -496,9 +476,8 @@ impl Exchange {
                 Flow::Pause
             }
             other => {
-                let hold = matches!(other, Phase::Finishing { paused: true, .. });
                 self.phase = other;
-                if hold {
+                if matches!(self.phase, Phase::Finishing { paused: true, .. }) {
                     Flow::Pause
                 } else {
                     Flow::Continue
@@ -513,7 +492,7 @@ impl Exchange {
             "the response exceeds {} bytes; it is passed on but will not be replayable",
             capture.fwd.route.max_response_body_bytes
         );
-        capture.unstored = Some(detail.clone());
+        capture.replayable = false;
         host.log(
             Level::Info,
             &format!(
@@ -521,7 +500,7 @@ impl Exchange {
                 capture.fwd.route.name, capture.fwd.record.key
             ),
         );
-        report(
+        self.report(
             host,
             &capture.fwd.route,
             ReportKind::BodyCap,
@@ -553,11 +532,11 @@ impl Exchange {
                 status: CLIENT_CLOSED_REQUEST,
                 headers: Vec::new(),
                 body: Vec::new(),
-                unstored: Some("the stream ended before the upstream answered".into()),
+                replayable: false,
                 disposition: Disposition::Unknown,
             },
             Phase::Capturing(mut capture) => {
-                capture.unstored = Some("the stream ended before the response was complete".into());
+                capture.replayable = false;
                 capture
             }
             other => {
@@ -576,18 +555,69 @@ impl Exchange {
         let _ = self.finish(host, capture, false);
     }
 
-    fn claim(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Flow {
-        let route = pending.route.clone();
-        let fingerprint = pending
-            .fingerprint
-            .clone()
-            .finish_with_body(body, &route.body_mode);
-        let request = ClaimRequest {
-            record: pending.record.clone(),
-            fingerprint,
+    /// Tells the server about a decision it did not see (fire-and-forget, detached so it
+    /// outlives the stream; the answer is ignored). Off when `store.report_events` is false.
+    fn report(
+        &self,
+        host: &dyn Host,
+        route: &Route,
+        kind: ReportKind,
+        record: Option<&RecordId>,
+        detail: String,
+    ) {
+        let (scope, key) = record.map_or((None, None), |r| {
+            (Some(r.scope.as_str()), Some(r.key.as_str()))
+        });
+        self.report_key(host, route, kind, scope, key, detail);
+    }
+
+    /// [`Exchange::report`] when only part of the record is known (a rejected request).
+    fn report_key(
+        &self,
+        host: &dyn Host,
+        route: &Route,
+        kind: ReportKind,
+        scope: Option<&str>,
+        key: Option<&str>,
+        detail: String,
+    ) {
+        if !self.config.as_ref().is_some_and(|c| c.store.report_events) {
+            return;
+        }
+        let report = FilterReport {
+            kind,
             route: route.name.clone(),
-            method: pending.method.clone(),
-            path: pending.path.clone(),
+            scope: scope.map(str::to_owned),
+            key: key.map(str::to_owned),
+            detail,
+        };
+        let call = StoreCall {
+            path: REPORT_PATH,
+            body: to_json(&report),
+            detached: true,
+        };
+        if let Err(reason) = host.dispatch(call) {
+            host.log(
+                Level::Debug,
+                &format!("idemgate: report not sent: {reason}"),
+            );
+        }
+    }
+
+    fn claim(&mut self, host: &dyn Host, pending: Pending, body: &[u8]) -> Flow {
+        let Pending {
+            route,
+            record,
+            method,
+            path,
+            fingerprint,
+        } = pending;
+        let request = ClaimRequest {
+            fingerprint: fingerprint.finish_with_body(body, &route.body_mode),
+            record,
+            route: route.name.clone(),
+            method,
+            path,
             lock_ttl_ms: route.lock_ttl_ms,
         };
         let call = StoreCall {
@@ -595,43 +625,49 @@ impl Exchange {
             body: to_json(&request),
             detached: false,
         };
+        let record = request.record;
         match host.dispatch(call) {
             Ok(token) => {
-                self.phase = Phase::Claiming { pending, token };
+                self.phase = Phase::Claiming {
+                    route,
+                    record,
+                    token,
+                };
                 Flow::Pause
             }
             Err(reason) => self.store_failed(
                 host,
                 &route,
-                &pending.record,
+                &record,
                 &format!("claim could not be dispatched: {reason}"),
             ),
         }
     }
 
-    fn on_claim_reply(&mut self, host: &dyn Host, pending: Pending, reply: StoreReply) {
-        let route = pending.route.clone();
+    fn on_claim_reply(
+        &mut self,
+        host: &dyn Host,
+        route: Rc<Route>,
+        record: RecordId,
+        reply: StoreReply,
+    ) {
         let outcome = match decode::<ClaimOutcome>(&reply) {
             Ok(o) => o,
             Err(reason) => {
-                if self.store_failed(
-                    host,
-                    &route,
-                    &pending.record,
-                    &format!("claim failed: {reason}"),
-                ) == Flow::Continue
-                {
+                let failed = format!("claim failed: {reason}");
+                if self.store_failed(host, &route, &record, &failed) == Flow::Continue {
                     host.resume_request();
                 }
                 return;
             }
         };
+        let key = &record.key;
         match outcome {
             ClaimOutcome::Acquired { fencing_token } => {
                 host.count(Metric::Acquired, 1);
                 self.phase = Phase::Forwarded(Forwarded {
                     route,
-                    record: pending.record,
+                    record,
                     fencing_token,
                 });
                 host.resume_request();
@@ -649,15 +685,18 @@ impl Exchange {
             ClaimOutcome::InFlight { retry_after_ms } => {
                 host.count(Metric::InFlightConflicts, 1);
                 let secs = retry_after_ms.div_ceil(1000).max(1);
-                self.reject(host, ProblemType::InFlight, format!("a request with Idempotency-Key {:?} is still being processed; retry after {secs} s", pending.record.key), Some(secs));
+                let detail = format!("a request with Idempotency-Key {key:?} is still being processed; retry after {secs} s");
+                self.reject(host, ProblemType::InFlight, detail, Some(secs));
             }
             ClaimOutcome::Mismatch => {
                 host.count(Metric::Mismatches, 1);
-                self.reject(host, ProblemType::KeyReused, format!("Idempotency-Key {:?} was already used with a different request (method, path, or body differ)", pending.record.key), None);
+                let detail = format!("Idempotency-Key {key:?} was already used with a different request (method, path, or body differ)");
+                self.reject(host, ProblemType::KeyReused, detail, None);
             }
             ClaimOutcome::NotReplayable { status } => {
                 host.count(Metric::NotReplayable, 1);
-                self.reject(host, ProblemType::NotReplayable, format!("the request with Idempotency-Key {:?} completed with status {status}, but its response was not stored (too large, or its outcome is unknown because the stream ended or Envoy answered for the upstream); it will not be executed again: use a new key after checking the result", pending.record.key), None);
+                let detail = format!("the request with Idempotency-Key {key:?} completed with status {status}, but its response was not stored (too large, or its outcome is unknown because the stream ended or Envoy answered for the upstream); it will not be executed again: use a new key after checking the result");
+                self.reject(host, ProblemType::NotReplayable, detail, None);
             }
         }
     }
@@ -680,7 +719,7 @@ impl Exchange {
                         route.name
                     ),
                 );
-                report(
+                self.report(
                     host,
                     route,
                     ReportKind::StoreError,
@@ -703,7 +742,7 @@ impl Exchange {
                     ),
                 );
                 host.count(Metric::FailOpenPasses, 1);
-                report(
+                self.report(
                     host,
                     route,
                     ReportKind::FailOpen,
@@ -728,7 +767,7 @@ impl Exchange {
             "the request body has at least {size} bytes; route {} fingerprints at most {} bytes",
             route.name, route.max_request_body_bytes
         );
-        report(host, route, ReportKind::BodyCap, record, detail.clone());
+        self.report(host, route, ReportKind::BodyCap, record, detail.clone());
         self.reject(host, ProblemType::RequestTooLarge, detail, None)
     }
 
@@ -742,17 +781,7 @@ impl Exchange {
         key: Option<&str>,
     ) -> Flow {
         host.count(Metric::RejectedKeys, 1);
-        let record = key.map(|k| RecordId {
-            scope: String::new(),
-            key: k.to_owned(),
-        });
-        report(
-            host,
-            route,
-            ReportKind::Rejected,
-            record.as_ref(),
-            detail.clone(),
-        );
+        self.report_key(host, route, ReportKind::Rejected, None, key, detail.clone());
         self.reject(host, kind, detail, None)
     }
 
@@ -777,7 +806,6 @@ impl Exchange {
         Flow::Pause
     }
 
-    /// The response is complete: store it (`complete`) or give the key up (`release`).
     /// The outcome is known: store the response (`complete`, replayable or not) or give
     /// the key up (`release`). With `hold` the response waits for the store's answer.
     fn finish(&mut self, host: &dyn Host, capture: Capture, hold: bool) -> Flow {
@@ -786,7 +814,7 @@ impl Exchange {
             status,
             headers,
             body,
-            unstored,
+            replayable,
             disposition,
         } = capture;
         let route = fwd.route.clone();
@@ -796,7 +824,7 @@ impl Exchange {
             Disposition::Unknown => true,
         };
         let (kind, call) = if complete {
-            let response = unstored.is_none().then_some(StoredResponse {
+            let response = replayable.then_some(StoredResponse {
                 status,
                 headers,
                 body,
@@ -858,7 +886,7 @@ impl Exchange {
                         route.name, fwd.record.key
                     ),
                 );
-                report(
+                self.report(
                     host,
                     &route,
                     ReportKind::StoreError,
@@ -886,21 +914,17 @@ impl Exchange {
                 decode::<ReleaseOutcome>(&reply).map(|o| o == ReleaseOutcome::LockLost)
             }
         };
-        if let Ok(lost) = lost {
-            let metric = match (lost, kind) {
-                (true, _) => Metric::LockLost,
-                (false, FinishKind::Complete) => Metric::Completed,
-                (false, FinishKind::Release) => Metric::Released,
-            };
-            host.count(metric, 1);
-        }
-        match lost {
-            Ok(false) => {}
-            Ok(true) => host.log(Level::Warn, &format!(
-                "idemgate: {kind:?} for key {:?} refused: the lock expired or was released before the upstream answered (lock lost)",
-                record.key
-            )),
-            Err(reason) => {
+        match (lost, kind) {
+            (Ok(false), FinishKind::Complete) => host.count(Metric::Completed, 1),
+            (Ok(false), FinishKind::Release) => host.count(Metric::Released, 1),
+            (Ok(true), _) => {
+                host.count(Metric::LockLost, 1);
+                host.log(Level::Warn, &format!(
+                    "idemgate: {kind:?} for key {:?} refused: the lock expired or was released before the upstream answered (lock lost)",
+                    record.key
+                ));
+            }
+            (Err(reason), _) => {
                 host.count(Metric::StoreErrors, 1);
                 host.log(Level::Warn, &format!("idemgate: {kind:?} for key {:?} failed: {reason}; the lock expires by itself", record.key));
             }
@@ -909,35 +933,31 @@ impl Exchange {
     }
 }
 
-/// Tells the server about a decision it did not see (fire-and-forget, detached so it
-/// outlives the stream; the answer is ignored). Off when `store.report_events` is false.
-fn report(
+/// The request's scope per its route, or why it has none (never a shared scope by accident).
+fn scope_of(
     host: &dyn Host,
     route: &Route,
-    kind: ReportKind,
-    record: Option<&RecordId>,
-    detail: String,
-) {
-    if !route.report_events {
-        return;
-    }
-    let report = FilterReport {
-        kind,
-        route: route.name.clone(),
-        scope: record.map(|r| r.scope.clone()).filter(|s| !s.is_empty()),
-        key: record.map(|r| r.key.clone()),
-        detail,
-    };
-    let call = StoreCall {
-        path: REPORT_PATH,
-        body: to_json(&report),
-        detached: true,
-    };
-    if let Err(reason) = host.dispatch(call) {
-        host.log(
-            Level::Debug,
-            &format!("idemgate: report not sent: {reason}"),
-        );
+    headers: &[(String, String)],
+) -> Result<String, String> {
+    match &route.scope {
+        ScopeSource::Global => Ok(GLOBAL_SCOPE.to_owned()),
+        ScopeSource::Header(name) => {
+            // Repeated fields are joined in order, so no part of the credential is ignored.
+            let vals: Vec<&str> = values(headers, name).collect();
+            // An empty credential is no credential: it must not become a shared scope.
+            if vals.iter().all(|v| v.trim().is_empty()) {
+                return Err(format!("route {} scopes idempotency keys by the {name} header, which the request lacks or sends empty", route.name));
+            }
+            Ok(scope_hash(&route.scope.label(), vals.join("\n").as_bytes()))
+        }
+        ScopeSource::Property(path) => match host.property(path) {
+            Some(v) if !v.is_empty() => Ok(scope_hash(&route.scope.label(), &v)),
+            _ => Err(format!(
+                "route {} scopes idempotency keys by the attribute {}, which the request lacks",
+                route.name,
+                path.join(".")
+            )),
+        },
     }
 }
 

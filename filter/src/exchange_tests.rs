@@ -224,6 +224,11 @@ fn ok(body: &impl serde::Serialize) -> StoreReply {
 
 const AUTH: (&str, &str) = ("authorization", "Bearer tenant-a");
 
+/// A `POST /v1/payments` of tenant A with key `key` and body `{}`.
+fn payment(key: &str) -> FakeHost {
+    FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", key)]).with_body(b"{}")
+}
+
 /// Drives a POST with a body up to the claim; returns the claim request.
 fn claim_payment(x: &mut Exchange, host: &FakeHost) -> (u32, ClaimRequest) {
     assert_eq!(
@@ -240,15 +245,22 @@ fn claim_payment(x: &mut Exchange, host: &FakeHost) -> (u32, ClaimRequest) {
     host.last_call::<ClaimRequest>()
 }
 
-/// A payment whose claim acquired the lock with fencing token `ft`: the upstream runs.
-fn forwarded_payment(host: &FakeHost) -> Exchange {
+/// A payment whose claim the store answered with `outcome`.
+fn answered(host: &FakeHost, outcome: ClaimOutcome) -> Exchange {
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, host);
-    let acquired = ClaimOutcome::Acquired {
-        fencing_token: "ft".into(),
-    };
-    x.on_store_reply(host, token, ok(&acquired));
+    x.on_store_reply(host, token, ok(&outcome));
     x
+}
+
+/// A payment whose claim acquired the lock with fencing token `ft`: the upstream runs.
+fn forwarded_payment(host: &FakeHost) -> Exchange {
+    answered(
+        host,
+        ClaimOutcome::Acquired {
+            fencing_token: "ft".into(),
+        },
+    )
 }
 
 #[test]
@@ -335,8 +347,7 @@ fn first_request_is_claimed_forwarded_and_completed() {
 
 #[test]
 fn replay_answers_locally_with_exact_headers_and_marker() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")])
-        .with_body(b"{}");
+    let host = payment("k1");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
     let stored = StoredResponse {
@@ -385,16 +396,12 @@ fn replay_answers_locally_with_exact_headers_and_marker() {
 
 #[test]
 fn in_flight_gets_409_with_retry_after_rounded_up() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")])
-        .with_body(b"{}");
-    let mut x = exchange();
-    let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(
+    let host = payment("k1");
+    answered(
         &host,
-        token,
-        ok(&ClaimOutcome::InFlight {
+        ClaimOutcome::InFlight {
             retry_after_ms: 2_001,
-        }),
+        },
     );
     let (status, headers, body) = host.last_reply();
     assert_eq!(status, 409);
@@ -410,24 +417,15 @@ fn in_flight_gets_409_with_retry_after_rounded_up() {
 
 #[test]
 fn mismatch_gets_422_and_not_replayable_gets_409_of_its_own_type() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k1")])
-        .with_body(b"{}");
-    let mut x = exchange();
-    let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(&host, token, ok(&ClaimOutcome::Mismatch));
+    let host = payment("k1");
+    answered(&host, ClaimOutcome::Mismatch);
     let (status, _, body) = host.last_reply();
     assert_eq!(
         (status, body["type"].as_str()),
         (422, Some("urn:idemgate:problem:key-reused"))
     );
 
-    let mut x = exchange();
-    let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(
-        &host,
-        token,
-        ok(&ClaimOutcome::NotReplayable { status: 200 }),
-    );
+    answered(&host, ClaimOutcome::NotReplayable { status: 200 });
     let (status, _, body) = host.last_reply();
     assert_eq!(
         (status, body["type"].as_str()),
@@ -611,8 +609,7 @@ fn request_over_the_cap_is_413_before_any_claim() {
 
 #[test]
 fn response_over_the_cap_completes_as_not_replayable() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
-        .with_body(b"{}");
+    let host = payment("k");
     let mut x = forwarded_payment(&host);
     *host.response_headers.borrow_mut() = vec![(":status".into(), "200".into())];
     x.on_response_headers(&host, false);
@@ -659,8 +656,7 @@ fn envoy_answers_are_classified_by_code_details() {
         HashMap::from([(path, d.as_bytes().to_vec())])
     };
     // A timeout after the request was sent: the outcome is unknown, never released.
-    let mut host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
-        .with_body(b"{}");
+    let mut host = payment("k");
     host.properties = details("upstream_response_timeout");
     let mut x = forwarded_payment(&host);
     *host.response_headers.borrow_mut() = vec![(":status".into(), "504".into())];
@@ -693,8 +689,7 @@ fn envoy_answers_are_classified_by_code_details() {
 
 #[test]
 fn a_stream_that_ends_mid_exchange_is_recorded_as_not_replayable() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
-        .with_body(b"{}");
+    let host = payment("k");
     // The client went away while the upstream ran.
     let mut x = forwarded_payment(&host);
     x.on_done(&host);
@@ -731,8 +726,7 @@ fn a_stream_that_ends_mid_exchange_is_recorded_as_not_replayable() {
 
 #[test]
 fn a_response_header_that_is_not_utf8_makes_the_response_not_replayable() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
-        .with_body(b"{}");
+    let host = payment("k");
     let mut x = forwarded_payment(&host);
     *host.response_headers.borrow_mut() = vec![
         (":status".into(), "201".into()),
@@ -761,8 +755,7 @@ fn an_empty_scope_header_is_401_not_a_shared_scope() {
 
 #[test]
 fn unstored_status_releases_the_key() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
-        .with_body(b"{}");
+    let host = payment("k");
     let mut x = forwarded_payment(&host);
     *host.response_headers.borrow_mut() = vec![(":status".into(), "503".into())];
     assert_eq!(
@@ -780,16 +773,12 @@ fn unstored_status_releases_the_key() {
 
 #[test]
 fn lock_lost_on_complete_is_counted_and_the_response_still_flows() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
-        .with_body(b"{}");
-    let mut x = exchange();
-    let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(
+    let host = payment("k");
+    let mut x = answered(
         &host,
-        token,
-        ok(&ClaimOutcome::Acquired {
+        ClaimOutcome::Acquired {
             fencing_token: "old".into(),
-        }),
+        },
     );
     *host.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
     x.on_response_headers(&host, true);
@@ -802,8 +791,7 @@ fn lock_lost_on_complete_is_counted_and_the_response_still_flows() {
 #[test]
 fn store_failures_follow_the_failure_mode() {
     // Closed (payments): a timed-out claim (zero headers) gives 503 with Retry-After.
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
-        .with_body(b"{}");
+    let host = payment("k");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
     x.on_store_reply(
@@ -883,8 +871,7 @@ fn store_failures_follow_the_failure_mode() {
 
 #[test]
 fn stale_or_foreign_tokens_are_ignored() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
-        .with_body(b"{}");
+    let host = payment("k");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
     x.on_store_reply(
@@ -907,8 +894,7 @@ fn stale_or_foreign_tokens_are_ignored() {
 
 #[test]
 fn request_trailers_end_the_body() {
-    let host = FakeHost::request("POST", "/v1/payments", &[AUTH, ("idempotency-key", "k")])
-        .with_body(b"{}");
+    let host = payment("k");
     let mut x = exchange();
     assert_eq!(x.on_request_headers(&host, false), Flow::Pause);
     assert_eq!(x.on_request_body(&host, 2, false), Flow::Pause);

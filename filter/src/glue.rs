@@ -26,7 +26,7 @@ proxy_wasm::main! {{
     });
 }}
 
-/// Counter ids returned by `define_metric`, in [`Metric::ALL`] order (0 = undefined).
+/// Counter ids returned by `define_metric`, indexed by [`Metric::index`] (0 = undefined).
 #[derive(Default)]
 struct Metrics {
     ids: [Cell<u32>; Metric::ALL.len()],
@@ -34,9 +34,9 @@ struct Metrics {
 
 impl Metrics {
     fn define(&self) {
-        for (i, m) in Metric::ALL.iter().enumerate() {
+        for m in Metric::ALL {
             if let (Some(cell), Ok(id)) = (
-                self.ids.get(i),
+                self.ids.get(m.index()),
                 hostcalls::define_metric(MetricType::Counter, m.name()),
             ) {
                 cell.set(id);
@@ -45,11 +45,7 @@ impl Metrics {
     }
 
     fn increment(&self, metric: Metric, delta: i64) {
-        let id = Metric::ALL
-            .iter()
-            .position(|m| *m == metric)
-            .and_then(|i| self.ids.get(i))
-            .map_or(0, Cell::get);
+        let id = self.ids.get(metric.index()).map_or(0, Cell::get);
         if id != 0 {
             let _ = hostcalls::increment_metric(id, delta);
         }
@@ -161,7 +157,6 @@ impl Context for IdemHttp {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        log(Level::Debug, &format!("idemgate: store call {token_id} answered: {num_headers} header(s), {body_size} body bytes"));
         let reply = if num_headers == 0 {
             StoreReply {
                 status: None,
@@ -215,14 +210,10 @@ impl HttpContext for IdemHttp {
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let host = self.env.host();
-        let flow = self
-            .exchange
-            .on_response_body(&host, body_size, end_of_stream);
-        log(
-            Level::Debug,
-            &format!("idemgate: response body {body_size} bytes, end {end_of_stream}: {flow:?}"),
-        );
-        action(flow)
+        action(
+            self.exchange
+                .on_response_body(&host, body_size, end_of_stream),
+        )
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
@@ -249,8 +240,8 @@ fn log(level: Level, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
-/// A header map as `(name, value)` strings. A value that is not UTF-8 becomes
-/// [`OPAQUE_VALUE_PREFIX`] followed by its bytes in hex: injective (a NUL never appears in
+/// A header map as `(name, value)` strings ([`header_value`]). A value that is not UTF-8
+/// becomes [`OPAQUE_VALUE_PREFIX`] followed by its bytes in hex: injective (a NUL never appears in
 /// a header value Envoy accepts), so two different credentials never hash to one scope,
 /// and recognisable, so such a response header makes the response not replayable rather
 /// than replayed altered. A failed read is an empty map.
@@ -258,12 +249,7 @@ fn read_map(map: MapType) -> Vec<(String, String)> {
     match hostcalls::get_map_bytes(map) {
         Ok(pairs) => pairs
             .into_iter()
-            .map(|(n, v)| {
-                let value = String::from_utf8(v).unwrap_or_else(|e| {
-                    format!("{OPAQUE_VALUE_PREFIX}{}", hex::encode(e.as_bytes()))
-                });
-                (n, value)
-            })
+            .map(|(n, v)| (n, header_value(v)))
             .collect(),
         Err(status) => {
             log(
@@ -273,6 +259,13 @@ fn read_map(map: MapType) -> Vec<(String, String)> {
             Vec::new()
         }
     }
+}
+
+/// A header value as a string: itself when UTF-8, else [`OPAQUE_VALUE_PREFIX`] and its
+/// bytes in hex (see [`read_map`]).
+fn header_value(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|e| format!("{OPAQUE_VALUE_PREFIX}{}", hex::encode(e.as_bytes())))
 }
 
 fn read_buffer(buffer: BufferType, max_bytes: usize) -> Vec<u8> {
@@ -295,11 +288,7 @@ impl Host for GlueHost<'_> {
 
     fn request_header(&self, name: &str) -> Option<String> {
         match hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name) {
-            Ok(Some(v)) => {
-                Some(String::from_utf8(v).unwrap_or_else(|e| {
-                    format!("{OPAQUE_VALUE_PREFIX}{}", hex::encode(e.as_bytes()))
-                }))
-            }
+            Ok(Some(v)) => Some(header_value(v)),
             Ok(None) => None,
             Err(status) => {
                 log(

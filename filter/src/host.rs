@@ -73,6 +73,11 @@ impl Metric {
         Self::Abandoned,
     ];
 
+    /// Position in [`Metric::ALL`] (the declaration order).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The Envoy stat name.
     pub fn name(self) -> &'static str {
         match self {
@@ -148,4 +153,16 @@ pub trait Host {
     fn count(&self, metric: Metric, delta: i64);
     /// Writes a log line.
     fn log(&self, level: Level, message: &str);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metric;
+
+    #[test]
+    fn metric_indexes_follow_all() {
+        for (i, m) in Metric::ALL.iter().enumerate() {
+            assert_eq!(m.index(), i, "{m:?}");
+        }
+    }
 }
