@@ -193,18 +193,12 @@ pub async fn key_purge(
     Path((scope, key)): Path<(String, String)>,
 ) -> Result<Json<PurgeOutcome>, AppError> {
     let id = record_id(scope, key)?;
+    let purge = keys::DeleteRule {
+        skip_state: Some(IN_FLIGHT),
+        ..keys::DeleteRule::default()
+    };
     Ok(Json(
-        delete_one(
-            &state,
-            &id,
-            keys::DeleteRule {
-                skip_state: Some(IN_FLIGHT),
-                ..keys::DeleteRule::default()
-            },
-            EventKind::Purged,
-            actor,
-        )
-        .await?,
+        delete_one(&state, &id, purge, EventKind::Purged, actor).await?,
     ))
 }
 
@@ -216,18 +210,12 @@ pub async fn key_release(
     Path((scope, key)): Path<(String, String)>,
 ) -> Result<Json<PurgeOutcome>, AppError> {
     let id = record_id(scope, key)?;
+    let release = keys::DeleteRule {
+        only_state: Some(IN_FLIGHT),
+        ..keys::DeleteRule::default()
+    };
     Ok(Json(
-        delete_one(
-            &state,
-            &id,
-            keys::DeleteRule {
-                only_state: Some(IN_FLIGHT),
-                ..keys::DeleteRule::default()
-            },
-            EventKind::LockReleased,
-            actor,
-        )
-        .await?,
+        delete_one(&state, &id, release, EventKind::LockReleased, actor).await?,
     ))
 }
 

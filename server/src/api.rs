@@ -27,7 +27,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use idemgate_protocol::admin::{EventKind, FilterReport, ReportKind};
+use idemgate_protocol::admin::{Event, EventKind, FilterReport, ReportKind};
 use idemgate_protocol::{
     ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId, ReleaseOutcome,
     ReleaseRequest,
@@ -126,33 +126,32 @@ fn validate_release(req: &ReleaseRequest) -> Result<(), AppError> {
     Ok(())
 }
 
-/// Records latency and outcome metrics of one store call, and on failure queues a
-/// `store_error` event for the record.
-fn observe<T>(
+/// Runs one store call: its latency and outcome go to the metrics, and its event, built by
+/// `describe` together with the outcome's metric label, to the event stream; a failure
+/// queues a `store_error` event for the record instead.
+async fn run<T>(
     state: &AppState,
     call: &'static str,
-    started: std::time::Instant,
     record: &RecordId,
-    result: &Result<T, StoreError>,
-    outcome: impl FnOnce(&T) -> &'static str,
-) {
+    fut: impl std::future::Future<Output = Result<T, StoreError>>,
+    describe: impl FnOnce(&T) -> (&'static str, Event),
+) -> Result<T, AppError> {
+    let started = std::time::Instant::now();
+    let result = fut.await;
     state
         .metrics
         .store_latency
         .with_label_values(&[call])
         .observe(started.elapsed().as_secs_f64());
-    let label = match result {
-        Ok(t) => outcome(t),
+    let (label, event) = match &result {
+        Ok(t) => describe(t),
         Err(err) => {
             if matches!(err, StoreError::Redis(_) | StoreError::Timeout { .. }) {
                 state.metrics.redis_errors.inc();
             }
-            let mut e = event(idemgate_protocol::admin::EventKind::StoreError);
-            e.scope = Some(record.scope.clone());
-            e.key = Some(record.key.clone());
+            let mut e = record_event(EventKind::StoreError, record, None);
             e.detail = Some(format!("{call}: {err}"));
-            state.events.publish(e);
-            "error"
+            ("error", e)
         }
     };
     state
@@ -160,13 +159,11 @@ fn observe<T>(
         .store_outcomes
         .with_label_values(&[call, label])
         .inc();
+    state.events.publish(event);
+    Ok(result?)
 }
 
-fn record_event(
-    kind: EventKind,
-    record: &RecordId,
-    route: Option<String>,
-) -> idemgate_protocol::admin::Event {
+fn record_event(kind: EventKind, record: &RecordId, route: Option<String>) -> Event {
     let mut e = event(kind);
     e.scope = Some(record.scope.clone());
     e.key = Some(record.key.clone());
@@ -181,33 +178,23 @@ pub async fn claim(
 ) -> Result<Json<ClaimOutcome>, AppError> {
     let req: ClaimRequest = parse(body)?;
     validate_claim(&req)?;
-    let started = std::time::Instant::now();
-    let result = state.store.claim(&req).await;
-    observe(
-        &state,
-        "claim",
-        started,
-        &req.record,
-        &result,
-        |o| match o {
-            ClaimOutcome::Acquired { .. } => "acquired",
-            ClaimOutcome::InFlight { .. } => "in_flight",
-            ClaimOutcome::Replay { .. } => "replay",
-            ClaimOutcome::Mismatch => "mismatch",
-            ClaimOutcome::NotReplayable { .. } => "not_replayable",
-        },
-    );
-    let outcome = result?;
-    let (kind, status) = match &outcome {
-        ClaimOutcome::Acquired { .. } => (EventKind::Claimed, None),
-        ClaimOutcome::InFlight { .. } => (EventKind::InFlightConflict, None),
-        ClaimOutcome::Replay { response } => (EventKind::Replayed, Some(response.status)),
-        ClaimOutcome::Mismatch => (EventKind::Mismatch, None),
-        ClaimOutcome::NotReplayable { status } => (EventKind::NotReplayable, Some(*status)),
-    };
-    let mut e = record_event(kind, &req.record, Some(req.route.clone()));
-    e.status = status;
-    state.events.publish(e);
+    let outcome = run(&state, "claim", &req.record, state.store.claim(&req), |o| {
+        let (label, kind, status) = match o {
+            ClaimOutcome::Acquired { .. } => ("acquired", EventKind::Claimed, None),
+            ClaimOutcome::InFlight { .. } => ("in_flight", EventKind::InFlightConflict, None),
+            ClaimOutcome::Replay { response } => {
+                ("replay", EventKind::Replayed, Some(response.status))
+            }
+            ClaimOutcome::Mismatch => ("mismatch", EventKind::Mismatch, None),
+            ClaimOutcome::NotReplayable { status } => {
+                ("not_replayable", EventKind::NotReplayable, Some(*status))
+            }
+        };
+        let mut e = record_event(kind, &req.record, Some(req.route.clone()));
+        e.status = status;
+        (label, e)
+    })
+    .await?;
     tracing::debug!(route = %req.route, ?outcome, "claim");
     Ok(Json(outcome))
 }
@@ -219,30 +206,20 @@ pub async fn complete(
 ) -> Result<Json<CompleteOutcome>, AppError> {
     let req: CompleteRequest = parse(body)?;
     let ttl_ms = validate_complete(&req)?;
-    let started = std::time::Instant::now();
-    let result = state.store.complete(&req, ttl_ms).await;
-    observe(
-        &state,
-        "complete",
-        started,
-        &req.record,
-        &result,
-        |(o, _)| match o {
-            CompleteOutcome::Completed => "completed",
-            CompleteOutcome::LockLost => "lock_lost",
-        },
-    );
-    let (outcome, route) = result?;
-    let kind = match outcome {
-        CompleteOutcome::Completed => EventKind::Completed,
-        CompleteOutcome::LockLost => EventKind::LockLost,
-    };
-    let mut e = record_event(kind, &req.record, route);
-    e.status = Some(req.status);
-    if req.response.is_none() && outcome == CompleteOutcome::Completed {
-        e.detail = Some("response not stored (over the body cap): not replayable".into());
-    }
-    state.events.publish(e);
+    let store_call = state.store.complete(&req, ttl_ms);
+    let (outcome, _) = run(&state, "complete", &req.record, store_call, |(o, route)| {
+        let (label, kind) = match o {
+            CompleteOutcome::Completed => ("completed", EventKind::Completed),
+            CompleteOutcome::LockLost => ("lock_lost", EventKind::LockLost),
+        };
+        let mut e = record_event(kind, &req.record, route.clone());
+        e.status = Some(req.status);
+        if req.response.is_none() && *o == CompleteOutcome::Completed {
+            e.detail = Some("response not stored: not replayable".into());
+        }
+        (label, e)
+    })
+    .await?;
     tracing::debug!(status = req.status, ?outcome, "complete");
     Ok(Json(outcome))
 }
@@ -254,27 +231,17 @@ pub async fn release(
 ) -> Result<Json<ReleaseOutcome>, AppError> {
     let req: ReleaseRequest = parse(body)?;
     validate_release(&req)?;
-    let started = std::time::Instant::now();
-    let result = state.store.release(&req).await;
-    observe(
-        &state,
-        "release",
-        started,
-        &req.record,
-        &result,
-        |(o, _)| match o {
-            ReleaseOutcome::Released => "released",
-            ReleaseOutcome::LockLost => "lock_lost",
-        },
-    );
-    let (outcome, route) = result?;
-    let kind = match outcome {
-        ReleaseOutcome::Released => EventKind::Released,
-        ReleaseOutcome::LockLost => EventKind::LockLost,
-    };
-    let mut e = record_event(kind, &req.record, route);
-    e.status = req.status;
-    state.events.publish(e);
+    let store_call = state.store.release(&req);
+    let (outcome, _) = run(&state, "release", &req.record, store_call, |(o, route)| {
+        let (label, kind) = match o {
+            ReleaseOutcome::Released => ("released", EventKind::Released),
+            ReleaseOutcome::LockLost => ("lock_lost", EventKind::LockLost),
+        };
+        let mut e = record_event(kind, &req.record, route.clone());
+        e.status = req.status;
+        (label, e)
+    })
+    .await?;
     tracing::debug!(status = ?req.status, ?outcome, "release");
     Ok(Json(outcome))
 }

@@ -69,40 +69,56 @@ impl Counter {
     }
 }
 
+impl Counter {
+    /// Every counter.
+    pub const ALL: [Counter; 13] = [
+        Self::Claims,
+        Self::Executions,
+        Self::Replays,
+        Self::InFlightConflicts,
+        Self::Mismatches,
+        Self::Rejections,
+        Self::Expirations,
+        Self::Purges,
+        Self::StoreErrors,
+        Self::FailOpenPasses,
+        Self::Completions,
+        Self::Releases,
+        Self::LockLost,
+    ];
+
+    /// Its field of `c`.
+    pub fn slot(self, c: &mut Counters) -> &mut u64 {
+        match self {
+            Self::Claims => &mut c.claims,
+            Self::Executions => &mut c.executions,
+            Self::Replays => &mut c.replays,
+            Self::InFlightConflicts => &mut c.in_flight_conflicts,
+            Self::Mismatches => &mut c.mismatches,
+            Self::Rejections => &mut c.rejections,
+            Self::Expirations => &mut c.expirations,
+            Self::Purges => &mut c.purges,
+            Self::StoreErrors => &mut c.store_errors,
+            Self::FailOpenPasses => &mut c.fail_open_passes,
+            Self::Completions => &mut c.completions,
+            Self::Releases => &mut c.releases,
+            Self::LockLost => &mut c.lock_lost,
+        }
+    }
+}
+
+/// Adds `n` to the counter stored under hash field `field` (unknown fields are ignored).
 fn add_field(c: &mut Counters, field: &str, n: u64) {
-    let slot = match field {
-        "claims" => &mut c.claims,
-        "executions" => &mut c.executions,
-        "replays" => &mut c.replays,
-        "in_flight_conflicts" => &mut c.in_flight_conflicts,
-        "mismatches" => &mut c.mismatches,
-        "rejections" => &mut c.rejections,
-        "expirations" => &mut c.expirations,
-        "purges" => &mut c.purges,
-        "store_errors" => &mut c.store_errors,
-        "fail_open_passes" => &mut c.fail_open_passes,
-        "completions" => &mut c.completions,
-        "releases" => &mut c.releases,
-        "lock_lost" => &mut c.lock_lost,
-        _ => return,
-    };
-    *slot += n;
+    if let Some(counter) = Counter::ALL.iter().find(|k| k.field() == field) {
+        *counter.slot(c) += n;
+    }
 }
 
 fn add(total: &mut Counters, c: &Counters) {
-    total.claims += c.claims;
-    total.executions += c.executions;
-    total.replays += c.replays;
-    total.in_flight_conflicts += c.in_flight_conflicts;
-    total.mismatches += c.mismatches;
-    total.rejections += c.rejections;
-    total.expirations += c.expirations;
-    total.purges += c.purges;
-    total.store_errors += c.store_errors;
-    total.fail_open_passes += c.fail_open_passes;
-    total.completions += c.completions;
-    total.releases += c.releases;
-    total.lock_lost += c.lock_lost;
+    let mut c = c.clone();
+    for counter in Counter::ALL {
+        *counter.slot(total) += *counter.slot(&mut c);
+    }
 }
 
 /// One bucket resolution.

@@ -287,13 +287,13 @@ impl Store {
         let answer: Vec<String> = self
             .timed(async { invocation.invoke_async(&mut conn).await })
             .await?;
-        match answer.as_slice() {
-            [tag, route] if tag == "completed" => {
-                Ok((CompleteOutcome::Completed, Some(route.clone())))
-            }
-            [tag] if tag == "lock_lost" => Ok((CompleteOutcome::LockLost, None)),
-            other => Err(StoreError::Corrupt(format!("complete answered {other:?}"))),
-        }
+        let route = fenced_answer(answer, "completed", "complete")?;
+        let outcome = if route.is_some() {
+            CompleteOutcome::Completed
+        } else {
+            CompleteOutcome::LockLost
+        };
+        Ok((outcome, route))
     }
 
     /// Runs the release script. Returns the outcome and, when released, the record's route.
@@ -311,13 +311,13 @@ impl Store {
         let answer: Vec<String> = self
             .timed(async { invocation.invoke_async(&mut conn).await })
             .await?;
-        match answer.as_slice() {
-            [tag, route] if tag == "released" => {
-                Ok((ReleaseOutcome::Released, Some(route.clone())))
-            }
-            [tag] if tag == "lock_lost" => Ok((ReleaseOutcome::LockLost, None)),
-            other => Err(StoreError::Corrupt(format!("release answered {other:?}"))),
-        }
+        let route = fenced_answer(answer, "released", "release")?;
+        let outcome = if route.is_some() {
+            ReleaseOutcome::Released
+        } else {
+            ReleaseOutcome::LockLost
+        };
+        Ok((outcome, route))
     }
 }
 
@@ -332,6 +332,23 @@ pub fn new_fencing_token() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// Decodes the answer of a fenced script (`complete`, `release`): `{ok_tag, route}` is
+/// `Some(route)`, `{"lock_lost"}` is `None`.
+fn fenced_answer(
+    answer: Vec<String>,
+    ok_tag: &str,
+    call: &str,
+) -> Result<Option<String>, StoreError> {
+    let mut it = answer.into_iter();
+    match (it.next(), it.next(), it.next()) {
+        (Some(tag), Some(route), None) if tag == ok_tag => Ok(Some(route)),
+        (Some(tag), None, None) if tag == "lock_lost" => Ok(None),
+        (tag, route, _) => Err(StoreError::Corrupt(format!(
+            "{call} answered {tag:?} {route:?}"
+        ))),
+    }
+}
+
 /// Decodes the claim script's array answer (see `lua/claim.lua`).
 fn parse_claim(value: Value, token: String) -> Result<ClaimOutcome, StoreError> {
     let items = match value {
@@ -344,7 +361,23 @@ fn parse_claim(value: Value, token: String) -> Result<ClaimOutcome, StoreError> 
         Some(Value::SimpleString(s)) => s.into_bytes(),
         other => return Err(StoreError::Corrupt(format!("claim tag {other:?}"))),
     };
-    let rest: Vec<Value> = items.collect();
+    let mut rest: Vec<Value> = items.collect();
+    if tag == b"replay" {
+        // Take the stored body by value: it may be hundreds of kilobytes.
+        if let [Value::Int(status), Value::BulkString(headers_json), Value::BulkString(body)] =
+            rest.as_mut_slice()
+        {
+            let headers: Vec<(String, String)> = serde_json::from_slice(headers_json)
+                .map_err(|e| StoreError::Corrupt(format!("stored headers: {e}")))?;
+            return Ok(ClaimOutcome::Replay {
+                response: StoredResponse {
+                    status: status_from(*status)?,
+                    headers,
+                    body: std::mem::take(body),
+                },
+            });
+        }
+    }
     match (tag.as_slice(), rest.as_slice()) {
         (b"acquired", []) => Ok(ClaimOutcome::Acquired {
             fencing_token: token,
@@ -356,20 +389,6 @@ fn parse_claim(value: Value, token: String) -> Result<ClaimOutcome, StoreError> 
         (b"not_replayable", [Value::Int(status)]) => Ok(ClaimOutcome::NotReplayable {
             status: status_from(*status)?,
         }),
-        (
-            b"replay",
-            [Value::Int(status), Value::BulkString(headers_json), Value::BulkString(body)],
-        ) => {
-            let headers: Vec<(String, String)> = serde_json::from_slice(headers_json)
-                .map_err(|e| StoreError::Corrupt(format!("stored headers: {e}")))?;
-            Ok(ClaimOutcome::Replay {
-                response: StoredResponse {
-                    status: status_from(*status)?,
-                    headers,
-                    body: body.clone(),
-                },
-            })
-        }
         (b"corrupt", _) => Err(StoreError::Corrupt(format!(
             "record in an unknown state: {rest:?}"
         ))),
