@@ -233,7 +233,7 @@ async fn keys_list_show_purge_release_and_their_events() {
     )
     .await;
     assert_eq!(r.json(), json!({"purged": false}));
-    // Purge deletes in any state.
+    // Purge deletes a completed record once; a second purge finds nothing.
     let r = admin_call(
         &admin,
         "DELETE",

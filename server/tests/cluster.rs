@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use idemgate_protocol::admin::{BulkPurgeOutcome, Event, KeyPage};
 use idemgate_protocol::ClaimOutcome;
-use idemgate_server::ServeArgs;
 use serde_json::{json, Value};
 
 /// The three-master cluster of the e2e harness (killed on drop, logs on panic).
@@ -28,43 +27,12 @@ impl Cluster {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_admin_and_events_run_unchanged_on_a_cluster() {
     let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
-    let (store_port, admin_port) = (free_port(), free_port());
-    let config = ServeArgs {
-        redis_url: cluster.url(),
-        store_listen: format!("127.0.0.1:{store_port}").parse().unwrap(),
-        admin_listen: format!("127.0.0.1:{admin_port}").parse().unwrap(),
-        redis_timeout_ms: 1000,
-        key_prefix: "cl".into(),
-        redis_cluster: true,
-        admin_token_file: None,
-        dashboard_dir: None,
-        admin_token: Some(TOKEN.into()),
-    }
-    .validate()
-    .unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(idemgate_server::serve(config, async {
-        let _ = stop_rx.await;
-    }));
-    let store = format!("http://127.0.0.1:{store_port}");
-    let admin = format!("http://127.0.0.1:{admin_port}");
+    let mut server = Server::start_with(&cluster.url(), true).await;
+    let (store, admin) = (server.store.clone(), server.admin.clone());
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let ok = http
-            .get(format!("{store}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200);
-        if ok {
-            break;
-        }
-        assert!(Instant::now() < deadline, "server not ready on the cluster");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     let get = |path: String| {
         let http = http.clone();
         let admin = admin.clone();
@@ -253,7 +221,5 @@ async fn store_admin_and_events_run_unchanged_on_a_cluster() {
         .unwrap();
     assert_eq!(health["redis"], "up");
 
-    stop_tx.send(()).unwrap();
-    let result = tokio::time::timeout(Duration::from_secs(5), server).await;
-    assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+    assert!(server.stop().await < Duration::from_secs(5));
 }

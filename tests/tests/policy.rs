@@ -64,6 +64,18 @@ fn post_payment(stack: &Stack, key: &str, body: &[u8]) -> Reply {
         .expect("POST /v1/payments")
 }
 
+/// `POST /v1/orders` (the fail-open, 1 s lock route) with API key `k` and key `key`.
+fn order(stack: &Stack, key: &str) -> Reply {
+    stack
+        .gateway()
+        .post("/v1/orders")
+        .header("x-api-key", "k")
+        .header("idempotency-key", key)
+        .json(&json!({"sku": "a"}))
+        .send()
+        .expect("POST /v1/orders")
+}
+
 fn gzip(bytes: &[u8]) -> Vec<u8> {
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(bytes).unwrap();
@@ -439,26 +451,12 @@ fn an_expired_lock_can_be_claimed_again_and_the_late_complete_is_refused() {
     });
     wait_for_upstream(&stack, 1);
     // Within the 1000 ms lock: 409 with Retry-After from the remaining lock time.
-    let busy = stack
-        .gateway()
-        .post("/v1/orders")
-        .header("x-api-key", "k")
-        .header("idempotency-key", "lock-1")
-        .json(&json!({"sku": "a"}))
-        .send()
-        .unwrap();
+    let busy = order(&stack, "lock-1");
     assert_eq!(busy.status, 409, "{}", busy.text());
     assert_eq!(busy.header("retry-after"), Some("1"));
     thread::sleep(Duration::from_millis(1100));
     // The lock expired while the first request still runs: the key can be claimed again.
-    let second = stack
-        .gateway()
-        .post("/v1/orders")
-        .header("x-api-key", "k")
-        .header("idempotency-key", "lock-1")
-        .json(&json!({"sku": "a"}))
-        .send()
-        .unwrap();
+    let second = order(&stack, "lock-1");
     assert_eq!(
         (second.status, second.header("idempotent-replayed")),
         (201, None)
@@ -470,14 +468,7 @@ fn an_expired_lock_can_be_claimed_again_and_the_late_complete_is_refused() {
     );
     // The first holder's complete was refused: the stored response is the second's.
     assert_eq!(stat(&stack, "lock_lost"), 1);
-    let retry = stack
-        .gateway()
-        .post("/v1/orders")
-        .header("x-api-key", "k")
-        .header("idempotency-key", "lock-1")
-        .json(&json!({"sku": "a"}))
-        .send()
-        .unwrap();
+    let retry = order(&stack, "lock-1");
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
     assert_eq!(retry.body, second.body);
 }
@@ -615,14 +606,7 @@ fn credentials_that_are_not_utf8_keep_their_own_scopes() {
 fn fail_open_routes_forward_and_count_while_fail_closed_routes_answer_503() {
     let mut stack = stack("failure-modes");
     stack.stop_redis();
-    let open = stack
-        .gateway()
-        .post("/v1/orders")
-        .header("x-api-key", "k")
-        .header("idempotency-key", "fo-1")
-        .json(&json!({"sku": "a"}))
-        .send()
-        .unwrap();
+    let open = order(&stack, "fo-1");
     assert_eq!(open.status, 201, "fail-open forwards: {}", open.text());
     let closed = post_payment(&stack, "fc-1", br#"{"amount":1}"#);
     assert_eq!(closed.status, 503);

@@ -188,27 +188,7 @@ impl Resp {
 
 /// Sends one request through `oneshot`.
 pub async fn send(app: &Router, method: &str, path: &str, body: impl Into<Body>) -> Resp {
-    let req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("content-type", "application/json")
-        .body(body.into())
-        .expect("request");
-    let resp = app.clone().oneshot(req).await.expect("infallible");
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes()
-        .to_vec();
-    Resp {
-        status,
-        headers,
-        body,
-    }
+    send_auth(app, method, path, None, body).await
 }
 
 /// Sends one admin request with `Authorization: Bearer <token>` (when given).
@@ -345,4 +325,84 @@ pub async fn completed(app: &Router, scope: &str, key: &str, fingerprint: &str) 
         String::from_utf8_lossy(&r.body)
     );
     token
+}
+
+/// One in-process server; stopped on drop.
+pub struct Server {
+    /// Store API base URL.
+    pub store: String,
+    /// Admin listener base URL.
+    pub admin: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), idemgate_server::ServeError>>>,
+}
+
+impl Server {
+    /// A server over one Redis, key prefix `live`, admin token [`TOKEN`], ready.
+    pub async fn start(redis_url: &str) -> Self {
+        Self::start_with(redis_url, false).await
+    }
+
+    /// As [`Server::start`]; with `cluster` the URL lists a Redis Cluster's seed nodes.
+    pub async fn start_with(redis_url: &str, cluster: bool) -> Self {
+        let (store_port, admin_port) = (free_port(), free_port());
+        let args = idemgate_server::ServeArgs {
+            redis_url: redis_url.to_owned(),
+            store_listen: format!("127.0.0.1:{store_port}").parse().unwrap(),
+            admin_listen: format!("127.0.0.1:{admin_port}").parse().unwrap(),
+            redis_timeout_ms: if cluster { 1000 } else { 500 },
+            key_prefix: "live".into(),
+            redis_cluster: cluster,
+            admin_token_file: None,
+            dashboard_dir: None,
+            admin_token: Some(TOKEN.into()),
+        };
+        let config = args.validate().unwrap();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(idemgate_server::serve(config, async {
+            let _ = stop_rx.await;
+        }));
+        let server = Self {
+            store: format!("http://127.0.0.1:{store_port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            stop: Some(stop),
+            task: Some(task),
+        };
+        let http = reqwest::Client::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !http
+            .get(format!("{}/healthz", server.store))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
+        {
+            assert!(std::time::Instant::now() < deadline, "server not ready");
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        server
+    }
+
+    /// Stops gracefully; returns how long it took.
+    pub async fn stop(&mut self) -> Duration {
+        let started = std::time::Instant::now();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(10), task).await;
+            assert!(matches!(result, Ok(Ok(Ok(())))), "{result:?}");
+        }
+        started.elapsed()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
