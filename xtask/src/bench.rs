@@ -137,7 +137,10 @@ fn ensure_wrk() -> Result<PathBuf> {
         return Ok(p);
     }
     eprintln!("bench: installing wrk (Debian package)");
-    let ok = Command::new("apt-get").args(["update", "-qq"]).status().is_ok_and(|s| s.success())
+    let ok = Command::new("apt-get")
+        .args(["update", "-qq"])
+        .status()
+        .is_ok_and(|s| s.success())
         && Command::new("apt-get")
             .args(["install", "-y", "-qq", "wrk"])
             .env("DEBIAN_FRONTEND", "noninteractive")
@@ -159,7 +162,14 @@ fn binaries() -> Result<Binaries> {
 
 fn start(template: EnvoyTemplate, log_dir: &Path) -> Result<Stack> {
     let mut opts = StackOptions::demo();
-    opts.name = format!("bench-{}", if matches!(template, EnvoyTemplate::Passthrough) { "passthrough" } else { "idemgate" });
+    opts.name = format!(
+        "bench-{}",
+        if matches!(template, EnvoyTemplate::Passthrough) {
+            "passthrough"
+        } else {
+            "idemgate"
+        }
+    );
     opts.template = template;
     opts.binaries = Some(binaries()?);
     opts.envoy_log_level = "warning".into();
@@ -167,7 +177,14 @@ fn start(template: EnvoyTemplate, log_dir: &Path) -> Result<Stack> {
     Stack::start(opts)
 }
 
-fn measure(wrk: &Path, stack: &Stack, scenario: &str, args: &Args, run_id: &str, dir: &Path) -> Result<Sample> {
+fn measure(
+    wrk: &Path,
+    stack: &Stack,
+    scenario: &str,
+    args: &Args,
+    run_id: &str,
+    dir: &Path,
+) -> Result<Sample> {
     let script = dir.join(format!("{scenario}.lua"));
     fs::write(&script, wrk_script(scenario, run_id))?;
     if scenario == "post-replay" {
@@ -185,7 +202,13 @@ fn measure(wrk: &Path, stack: &Stack, scenario: &str, args: &Args, run_id: &str,
         }
     }
     let out = Command::new(wrk)
-        .args(["-t2", &format!("-c{}", args.connections), &format!("-d{}s", args.duration_s), "--latency", "-s"])
+        .args([
+            "-t2",
+            &format!("-c{}", args.connections),
+            &format!("-d{}s", args.duration_s),
+            "--latency",
+            "-s",
+        ])
         .arg(&script)
         .arg(stack.gateway_url())
         .output()
@@ -193,7 +216,13 @@ fn measure(wrk: &Path, stack: &Stack, scenario: &str, args: &Args, run_id: &str,
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (requests_per_s, p50_ms, p99_ms, non_2xx) = parse_wrk(&text)?;
     let pid = stack.pid(Component::Envoy).unwrap_or(0);
-    Ok(Sample { requests_per_s, p50_ms, p99_ms, non_2xx, rss_mib: rss_mib(pid) })
+    Ok(Sample {
+        requests_per_s,
+        p50_ms,
+        p99_ms,
+        non_2xx,
+        rss_mib: rss_mib(pid),
+    })
 }
 
 /// Entry point of `cargo xtask bench`.
@@ -205,7 +234,16 @@ pub fn run(args: &Args) -> Result<()> {
     if !args.no_build {
         crate::setup::run_setup()?;
         crate::build::run_build()?;
-        run_cmd(cargo().args(["build", "--profile", "perf", "-p", "idemgate-server", "-p", "idemgate-e2e", "--bins"]))?;
+        run_cmd(cargo().args([
+            "build",
+            "--profile",
+            "perf",
+            "-p",
+            "idemgate-server",
+            "-p",
+            "idemgate-e2e",
+            "--bins",
+        ]))?;
     }
     let wrk = ensure_wrk()?;
     let dir = root().join("target/bench");
@@ -245,7 +283,9 @@ pub fn run(args: &Args) -> Result<()> {
     drop(base);
     drop(filt);
 
-    let mut table = String::from("scenario      envoy          req/s    p50 ms   p99 ms   non-2xx  envoy rss MiB\n");
+    let mut table = String::from(
+        "scenario      envoy          req/s    p50 ms   p99 ms   non-2xx  envoy rss MiB\n",
+    );
     for (s, e, x) in &best {
         let _ = writeln!(
             table,
@@ -256,12 +296,21 @@ pub fn run(args: &Args) -> Result<()> {
     println!("{table}");
     println!("upstream executions of POST /v1/payments behind idemgate: {executions}");
 
-    let find = |s: &str, e: &str| best.iter().find(|(a, b, _)| a == s && b == e).map(|(_, _, x)| x.clone());
+    let find = |s: &str, e: &str| {
+        best.iter()
+            .find(|(a, b, _)| a == s && b == e)
+            .map(|(_, _, x)| x.clone())
+    };
     let mut failures = Vec::new();
     let mut json_rows = Vec::new();
     for (scenario, what, limit) in TARGETS {
         let value = if scenario == "any" {
-            let rss = |e: &str| best.iter().filter(|(_, b, _)| b == e).map(|(_, _, x)| x.rss_mib).fold(0.0, f64::max);
+            let rss = |e: &str| {
+                best.iter()
+                    .filter(|(_, b, _)| b == e)
+                    .map(|(_, _, x)| x.rss_mib)
+                    .fold(0.0, f64::max)
+            };
             Some(rss("idemgate") - rss("passthrough"))
         } else {
             match (find(scenario, "passthrough"), find(scenario, "idemgate")) {
@@ -271,28 +320,34 @@ pub fn run(args: &Args) -> Result<()> {
             }
         };
         let Some(v) = value else { continue };
-        let ok = if what.ends_with(">=") { v >= limit } else { v <= limit };
-        println!("target {scenario:<12} {what:<28} {limit:>6}: {v:>8.2}  {}", if ok { "ok" } else { "MISSED" });
-        json_rows.push(format!(
-            "{{\"scenario\":\"{scenario}\",\"target\":\"{what}\",\"limit\":{limit},\"value\":{v:.3},\"ok\":{ok}}}"
-        ));
+        let ok = if what.ends_with(">=") {
+            v >= limit
+        } else {
+            v <= limit
+        };
+        println!(
+            "target {scenario:<12} {what:<28} {limit:>6}: {v:>8.2}  {}",
+            if ok { "ok" } else { "MISSED" }
+        );
+        json_rows.push(serde_json::json!({
+            "scenario": scenario, "target": what, "limit": limit, "value": v, "ok": ok,
+        }));
         if !ok {
             failures.push(format!("{scenario}: {what} {limit} (measured {v:.2})"));
         }
     }
-    let samples: Vec<String> = best
+    let samples: Vec<serde_json::Value> = best
         .iter()
         .map(|(s, e, x)| {
-            format!(
-                "{{\"scenario\":\"{s}\",\"envoy\":\"{e}\",\"requests_per_s\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"non_2xx\":{},\"envoy_rss_mib\":{:.1}}}",
-                x.requests_per_s, x.p50_ms, x.p99_ms, x.non_2xx, x.rss_mib
-            )
+            serde_json::json!({
+                "scenario": s, "envoy": e, "requests_per_s": x.requests_per_s,
+                "p50_ms": x.p50_ms, "p99_ms": x.p99_ms, "non_2xx": x.non_2xx,
+                "envoy_rss_mib": x.rss_mib,
+            })
         })
         .collect();
-    fs::write(
-        dir.join("results.json"),
-        format!("{{\"samples\":[{}],\"targets\":[{}]}}\n", samples.join(","), json_rows.join(",")),
-    )?;
+    let results = serde_json::json!({"samples": samples, "targets": json_rows});
+    fs::write(dir.join("results.json"), format!("{results:#}\n"))?;
     println!("results: {}", dir.join("results.json").display());
     if !failures.is_empty() && !args.no_check {
         bail!("missed benchmark targets: {}", failures.join("; "));
