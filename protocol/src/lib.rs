@@ -70,16 +70,27 @@ impl RecordId {
     /// that is empty, longer than [`MAX_KEY_LEN`] or holds a character outside `0x21..=0x7e`
     /// (space inside is allowed, as in an sf-string).
     pub fn validate(&self) -> Result<(), String> {
-        let scope_ok = self.scope == GLOBAL_SCOPE
-            || (self.scope.len() == 64
-                && self
-                    .scope
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
-        if !scope_ok {
-            return Err("scope must be \"global\" or 64 lowercase hex digits".into());
-        }
+        validate_scope(&self.scope)?;
         validate_key(&self.key)
+    }
+}
+
+/// Whether `s` is exactly `len` lowercase hex digits (a SHA-256 is 64, a fencing token 32).
+pub fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Validates a scope: [`GLOBAL_SCOPE`] or a [`scope_hash`] (64 lowercase hex digits).
+///
+/// # Errors
+/// A human-readable reason.
+pub fn validate_scope(scope: &str) -> Result<(), String> {
+    if scope == GLOBAL_SCOPE || is_lower_hex(scope, 64) {
+        Ok(())
+    } else {
+        Err("scope must be \"global\" or 64 lowercase hex digits".into())
     }
 }
 

@@ -29,8 +29,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use idemgate_protocol::admin::{Event, EventKind, FilterReport, ReportKind};
 use idemgate_protocol::{
-    ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId, ReleaseOutcome,
-    ReleaseRequest,
+    is_lower_hex, ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId,
+    ReleaseOutcome, ReleaseRequest,
 };
 use serde::de::DeserializeOwned;
 
@@ -51,12 +51,6 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
     let bytes = body.map_err(|rejection| AppError::BadStoreCall(rejection.body_text()))?;
     serde_json::from_slice(&bytes)
         .map_err(|e| AppError::BadStoreCall(format!("the body is not a valid store call: {e}")))
-}
-
-fn is_lower_hex(s: &str, len: usize) -> bool {
-    s.len() == len
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn check_token(token: &str) -> Result<(), AppError> {

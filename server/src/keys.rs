@@ -94,12 +94,7 @@ pub fn glob_escape(s: &str) -> String {
 /// # Errors
 /// [`AppError::BadRequest`].
 pub fn check_scope(scope: &str) -> Result<(), AppError> {
-    RecordId {
-        scope: scope.to_owned(),
-        key: "x".into(),
-    }
-    .validate()
-    .map_err(AppError::BadRequest)
+    idemgate_protocol::validate_scope(scope).map_err(AppError::BadRequest)
 }
 
 /// The SCAN MATCH pattern for a scope and key prefix.
