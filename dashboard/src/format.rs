@@ -138,13 +138,14 @@ pub fn stream_id_cmp(a: &str, b: &str) -> Ordering {
 }
 
 /// Every event kind, in the order the Events page lists its filters.
-pub const ALL_KINDS: [EventKind; 14] = [
+pub const ALL_KINDS: [EventKind; 15] = [
     EventKind::Claimed,
     EventKind::Completed,
     EventKind::Replayed,
     EventKind::InFlightConflict,
     EventKind::Mismatch,
     EventKind::NotReplayable,
+    EventKind::OutcomeUnknown,
     EventKind::Released,
     EventKind::Expired,
     EventKind::Purged,
@@ -171,6 +172,7 @@ pub fn kind_label(kind: EventKind) -> &'static str {
         EventKind::InFlightConflict => "in-flight conflict",
         EventKind::Mismatch => "mismatch",
         EventKind::NotReplayable => "not replayable",
+        EventKind::OutcomeUnknown => "outcome unknown",
         EventKind::Completed => "completed",
         EventKind::Released => "released",
         EventKind::Expired => "expired",
@@ -195,7 +197,10 @@ pub fn kind_tone(kind: EventKind) -> &'static str {
         | EventKind::Rejected
         | EventKind::Purged
         | EventKind::LockReleased => "warn",
-        EventKind::LockLost | EventKind::StoreError | EventKind::FailOpen => "bad",
+        EventKind::LockLost
+        | EventKind::StoreError
+        | EventKind::FailOpen
+        | EventKind::OutcomeUnknown => "bad",
     }
 }
 
@@ -204,6 +209,7 @@ pub fn state_name(state: KeyState) -> &'static str {
     match state {
         KeyState::InFlight => "in_flight",
         KeyState::Completed => "completed",
+        KeyState::Unknown => "unknown",
     }
 }
 
@@ -212,6 +218,7 @@ pub fn state_label(state: KeyState) -> &'static str {
     match state {
         KeyState::InFlight => "in flight",
         KeyState::Completed => "completed",
+        KeyState::Unknown => "outcome unknown",
     }
 }
 
@@ -220,6 +227,7 @@ pub fn parse_state(s: &str) -> Option<KeyState> {
     match s {
         "in_flight" => Some(KeyState::InFlight),
         "completed" => Some(KeyState::Completed),
+        "unknown" => Some(KeyState::Unknown),
         _ => None,
     }
 }

@@ -22,11 +22,13 @@
 //! Requests that match no route pass through untouched. A route matches when its path
 //! matcher and one of its methods match; the first matching route wins.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::fmt;
 use std::rc::Rc;
 
 use idemgate_protocol::fingerprint::BodyMode;
+use idemgate_protocol::{AfterUnknown, UnknownOutcomePolicy, MAX_UNKNOWN_HOLD_S};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -45,6 +47,12 @@ pub const DEFAULT_BODY_CAP_BYTES: u64 = 512 << 10;
 pub const MAX_BODY_CAP_BYTES: u64 = 64 << 20;
 /// Largest completed TTL accepted: 30 days. Nothing lives forever.
 pub const MAX_TTL_S: u64 = 30 * 86_400;
+/// Default upstream timeout of a detached execution: 15 s, Envoy's default route timeout.
+pub const DEFAULT_UPSTREAM_TIMEOUT_MS: u64 = 15_000;
+/// Default hold of an unknown outcome: 60 s, long enough for an upstream that kept working
+/// after its connection closed to have finished.
+pub const DEFAULT_UNKNOWN_HOLD_S: u64 = 60;
+
 /// Default statuses stored for replay: success, redirects and client errors, except
 /// 408, 409, 425 and 429, which say "try again" and so release the key (IETF draft
 /// section 2.6 leaves this to the server; Stripe likewise does not store 409/429).
@@ -128,6 +136,33 @@ struct PolicyFile {
     fingerprint: Option<FingerprintFile>,
     scope: Option<ScopeSource>,
     deny_response_headers: Option<Vec<String>>,
+    execution: Option<Execution>,
+    upstream_cluster: Option<String>,
+    upstream_timeout_ms: Option<u64>,
+    unknown_outcome: Option<UnknownOutcomeFile>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnknownOutcomeFile {
+    hold_s: Option<u64>,
+    then: Option<AfterUnknown>,
+}
+
+/// How a protected request whose claim was acquired reaches the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Execution {
+    /// Resume the request through the rest of the filter chain and Envoy's router (route
+    /// retries, header mutations and streaming apply). When the client goes away, Envoy
+    /// resets the upstream request and the outcome becomes unknown.
+    Router,
+    /// Send the buffered request to the upstream cluster from the filter's root context,
+    /// detached from the client's stream (nginx's `proxy_ignore_client_abort`): a client
+    /// that times out does not cancel it, its response is stored, and the retry replays it.
+    /// Later HTTP filters, the route's retry policy, rewrites and header mutations do not
+    /// apply, and the response is buffered whole before the client gets it.
+    Detached,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -315,6 +350,21 @@ pub struct Route {
     pub scope: ScopeSource,
     /// Response headers not stored. Default [`DEFAULT_DENY_RESPONSE_HEADERS`].
     pub deny_response_headers: Vec<HeaderPattern>,
+    /// How the request reaches the upstream. Default [`Execution::Router`].
+    pub execution: Execution,
+    /// Detached execution: the Envoy cluster to call. `None` (default): the cluster of the
+    /// Envoy route the request matched (the `xds.cluster_name` attribute).
+    pub upstream_cluster: Option<String>,
+    /// Detached execution: how long the upstream may take, milliseconds. Default
+    /// [`DEFAULT_UPSTREAM_TIMEOUT_MS`]; below `lock_ttl_ms`.
+    pub upstream_timeout_ms: u64,
+    /// What a retry gets when the first execution's outcome is unknown. Default: held
+    /// [`DEFAULT_UNKNOWN_HOLD_S`], then refused until `ttl_s` passes.
+    pub unknown_outcome: UnknownOutcomePolicy,
+    /// The usual time from an acquired claim to the complete response on this route, ms
+    /// (an exponentially weighted moving average per worker; 0 before the first). The
+    /// `Retry-After` of a 409 in-flight is based on it.
+    pub usual_latency_ms: Cell<u64>,
 }
 
 impl Route {
@@ -602,7 +652,57 @@ fn resolve_route(at: &str, r: &PolicyFile, d: &PolicyFile) -> Result<Route, Conf
         );
     }
 
+    let execution = r.execution.or(d.execution).unwrap_or(Execution::Router);
+    let upstream_cluster = r
+        .upstream_cluster
+        .clone()
+        .or_else(|| d.upstream_cluster.clone());
+    if upstream_cluster
+        .as_ref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        return err(format!("{at}.upstream_cluster"), "must not be empty");
+    }
+    let (timeout_at, upstream_timeout_ms) = pick(
+        at,
+        "upstream_timeout_ms",
+        &r.upstream_timeout_ms,
+        &d.upstream_timeout_ms,
+        || DEFAULT_UPSTREAM_TIMEOUT_MS,
+    );
+    if upstream_timeout_ms == 0
+        || (execution == Execution::Detached && upstream_timeout_ms >= lock_ttl_ms)
+    {
+        return err(
+            timeout_at,
+            format!("must be at least 1 and below lock_ttl_ms ({lock_ttl_ms}): the lock must outlive the upstream call"),
+        );
+    }
+    let (unknown_at, unknown) = pick(
+        at,
+        "unknown_outcome",
+        &r.unknown_outcome,
+        &d.unknown_outcome,
+        Default::default,
+    );
+    let hold_s = unknown.hold_s.unwrap_or(DEFAULT_UNKNOWN_HOLD_S);
+    if !(1..=MAX_UNKNOWN_HOLD_S).contains(&hold_s) {
+        return err(
+            format!("{unknown_at}.hold_s"),
+            format!("must be between 1 and {MAX_UNKNOWN_HOLD_S} seconds"),
+        );
+    }
+
     Ok(Route {
+        execution,
+        upstream_cluster,
+        upstream_timeout_ms,
+        unknown_outcome: UnknownOutcomePolicy {
+            hold_s,
+            then: unknown.then.unwrap_or(AfterUnknown::Refuse),
+            ttl_s,
+        },
+        usual_latency_ms: Cell::new(0),
         name,
         matcher,
         methods,

@@ -9,6 +9,12 @@
 //!        ▼                             │ in_flight 409 / mismatch 422 / not_replayable 409
 //!     Answered ◄───────────────────────┘ store error: 503 (closed) or PassThrough (open)
 //!   Capturing ──(end of stream)──► Finishing (complete or release sent, response paused) ──► Done
+//!
+//! detached execution (route `execution: detached`):
+//!   Claiming ──acquired──► Detaching ──root turn──► Executing (upstream call owned by the root)
+//!     ──upstream answer──► Delivering (complete/release sent) ──► Replaying (first answer,
+//!     no marker) or Done when the client has gone; the root context keeps the exchange
+//!     alive after the client's stream ends.
 //! ```
 //!
 //! The upstream never sees a request the filter answers itself: request headers are held
@@ -20,14 +26,16 @@ use idemgate_protocol::admin::{FilterReport, ReportKind, REPORT_PATH};
 use idemgate_protocol::fingerprint::Fingerprint;
 use idemgate_protocol::problem::PROBLEM_JSON;
 use idemgate_protocol::{
-    scope_hash, ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, Problem, ProblemType,
-    RecordId, ReleaseOutcome, ReleaseRequest, StoredResponse, CLAIM_PATH, COMPLETE_PATH,
-    GLOBAL_SCOPE, RELEASE_PATH,
+    scope_hash, AfterUnknown, ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest,
+    Problem, ProblemType, RecordId, ReleaseOutcome, ReleaseRequest, StoredResponse, CLAIM_PATH,
+    COMPLETE_PATH, GLOBAL_SCOPE, RELEASE_PATH,
 };
 use serde::de::DeserializeOwned;
 
-use crate::config::{Config, FailureMode, KeyRequirement, Route, ScopeSource};
-use crate::host::{Host, Level, Metric, StoreCall, StoreReply};
+use crate::config::{
+    is_hop_by_hop, Config, Execution, FailureMode, KeyRequirement, Route, ScopeSource,
+};
+use crate::host::{Host, Level, Metric, StoreCall, StoreReply, UpstreamCall};
 use crate::key::parse_key;
 
 /// The header that carries the key (IETF draft section 2).
@@ -36,6 +44,12 @@ pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
 /// Status recorded for a request whose client went away before any response (nginx's 499).
 pub const CLIENT_CLOSED_REQUEST: u16 = 499;
+/// Status recorded for a detached execution whose upstream call failed or timed out.
+pub const GATEWAY_TIMEOUT: u16 = 504;
+/// Expected time to an answer before a route has measured any, ms (`Retry-After` rule).
+pub const DEFAULT_USUAL_LATENCY_MS: u64 = 1_000;
+/// Envoy attribute naming the cluster of the route the request matched.
+const ROUTE_CLUSTER: [&str; 2] = ["xds", "cluster_name"];
 /// `Retry-After` on 503 when the store cannot answer, seconds.
 pub const STORE_UNAVAILABLE_RETRY_AFTER_S: u64 = 1;
 
@@ -55,6 +69,8 @@ struct Pending {
     method: String,
     path: String,
     fingerprint: Fingerprint,
+    /// Detached routes only: the request headers to send upstream.
+    headers: Vec<(String, String)>,
 }
 
 /// A request that holds the lock and went upstream.
@@ -62,6 +78,20 @@ struct Forwarded {
     route: Rc<Route>,
     record: RecordId,
     fencing_token: String,
+    /// When the lock was acquired, Unix ms (for the route's usual latency).
+    started_ms: u64,
+}
+
+/// What a client waiting on a detached execution gets once its outcome is recorded.
+enum Answer {
+    /// The upstream's response, as the upstream sent it (hop-by-hop headers left out).
+    Response {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    /// A problem details answer (the outcome is unknown).
+    Problem(ProblemType, String),
 }
 
 /// The upstream response being copied for storage.
@@ -103,6 +133,30 @@ enum Origin {
 }
 
 impl Origin {
+    /// Where a detached upstream call's answer came from. Envoy's HTTP async client does
+    /// not expose `response.code_details`, so its own answers are told by their fixed
+    /// bodies: `no healthy upstream` and a connection failure or overflow before headers
+    /// never reached the upstream; `upstream request timeout` and any other reset may have.
+    /// An upstream that sends exactly those bodies is taken for Envoy, which errs on the
+    /// side of never executing twice.
+    fn of_callout(status: u16, body: &[u8]) -> Self {
+        let text = std::str::from_utf8(body).unwrap_or_default();
+        match status {
+            503 if text.starts_with("no healthy upstream") => Self::NeverSent(text.to_owned()),
+            503 if text
+                .starts_with("upstream connect error or disconnect/reset before headers") =>
+            {
+                if text.contains("connection failure") || text.contains("overflow") {
+                    Self::NeverSent(text.to_owned())
+                } else {
+                    Self::Unknown(text.to_owned())
+                }
+            }
+            504 if text.starts_with("upstream request timeout") => Self::Unknown(text.to_owned()),
+            _ => Self::Upstream,
+        }
+    }
+
     fn classify(details: Option<&str>) -> Self {
         let Some(d) = details.filter(|d| !d.is_empty()) else {
             return Self::Upstream;
@@ -149,6 +203,27 @@ enum Phase {
         route: Rc<Route>,
         record: RecordId,
         token: u32,
+        /// The token this claim writes, so the lock can be given back without its answer.
+        fencing_token: String,
+        /// Detached routes: the upstream call to make once the claim is acquired.
+        upstream: Option<UpstreamCall>,
+    },
+    /// Detached: acquired, waiting for the root context to dispatch the upstream call.
+    Detaching {
+        fwd: Forwarded,
+        call: UpstreamCall,
+    },
+    /// Detached: the upstream call is out.
+    Executing {
+        fwd: Forwarded,
+        token: u32,
+    },
+    /// Detached: the outcome is being recorded; the client gets `answer` afterwards.
+    Delivering {
+        token: u32,
+        kind: FinishKind,
+        record: RecordId,
+        answer: Answer,
     },
     Forwarded(Forwarded),
     Capturing(Capture),
@@ -162,6 +237,8 @@ enum Phase {
     Replaying {
         status: u16,
         headers: Vec<(String, String)>,
+        /// False for the first execution's own answer (a detached execution).
+        replayed: bool,
     },
     Answered,
     Done,
@@ -171,6 +248,10 @@ enum Phase {
 pub struct Exchange {
     config: Option<Rc<Config>>,
     phase: Phase,
+    /// The client's stream has ended (`on_done`); only a detached execution goes on.
+    client_gone: bool,
+    /// The glue should call [`Exchange::on_root_turn`] from the root context.
+    wants_root_turn: bool,
 }
 
 impl Exchange {
@@ -180,7 +261,32 @@ impl Exchange {
         Self {
             config,
             phase: Phase::Start,
+            client_gone: false,
+            wants_root_turn: false,
         }
+    }
+
+    /// Whether the glue must give this exchange a root turn ([`Exchange::on_root_turn`]);
+    /// reading it clears it.
+    pub fn take_root_turn_request(&mut self) -> bool {
+        std::mem::take(&mut self.wants_root_turn)
+    }
+
+    /// The callout a detached execution waits for, if any: the glue routes that token's
+    /// answer (which arrives at the root context) back to this exchange.
+    pub fn awaiting_root_callout(&self) -> Option<u32> {
+        match self.phase {
+            Phase::Executing { token, .. } | Phase::Delivering { token, .. } => Some(token),
+            _ => None,
+        }
+    }
+
+    /// Whether the exchange still has work (the root context drops it when not).
+    pub fn is_active(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Detaching { .. } | Phase::Executing { .. } | Phase::Delivering { .. }
+        )
     }
 
     /// `on_http_request_headers`.
@@ -263,12 +369,18 @@ impl Exchange {
                 fingerprint.absent_header(name);
             }
         }
+        let headers = if route.execution == Execution::Detached {
+            headers
+        } else {
+            Vec::new()
+        };
         let pending = Pending {
             route,
             record: RecordId { scope, key },
             method,
             path,
             fingerprint,
+            headers,
         };
         if end_of_stream {
             self.claim(host, pending, &[])
@@ -309,7 +421,12 @@ impl Exchange {
     /// the request itself (the upstream must see none of it), else passed on.
     fn request_flow(&self) -> Flow {
         match self.phase {
-            Phase::Claiming { .. } | Phase::Answered | Phase::Replaying { .. } => Flow::Pause,
+            Phase::Claiming { .. }
+            | Phase::Detaching { .. }
+            | Phase::Executing { .. }
+            | Phase::Delivering { .. }
+            | Phase::Answered
+            | Phase::Replaying { .. } => Flow::Pause,
             _ => Flow::Continue,
         }
     }
@@ -341,7 +458,23 @@ impl Exchange {
                 route,
                 record,
                 token: t,
-            } if t == token => self.on_claim_reply(host, route, record, reply),
+                fencing_token,
+                upstream,
+            } if t == token => {
+                self.on_claim_reply(host, route, record, fencing_token, upstream, reply)
+            }
+            Phase::Executing { fwd, token: t } if t == token => {
+                self.on_upstream_reply(host, fwd, reply)
+            }
+            Phase::Delivering {
+                token: t,
+                kind,
+                record,
+                answer,
+            } if t == token => {
+                self.on_finish_reply(host, kind, &record, reply);
+                self.deliver(host, answer);
+            }
             Phase::Finishing {
                 token: t,
                 kind,
@@ -366,7 +499,11 @@ impl Exchange {
     /// `on_http_response_headers`.
     pub fn on_response_headers(&mut self, host: &dyn Host, end_of_stream: bool) -> Flow {
         match std::mem::replace(&mut self.phase, Phase::Done) {
-            Phase::Replaying { status, headers } => {
+            Phase::Replaying {
+                status,
+                headers,
+                replayed,
+            } => {
                 // Envoy built the local reply's headers; make them exactly the stored ones.
                 let current = host.response_headers();
                 let mut exact = Vec::with_capacity(headers.len() + 3);
@@ -375,11 +512,14 @@ impl Exchange {
                     exact.push(("content-length".to_owned(), len.to_owned()));
                 }
                 exact.extend(headers);
-                exact.push((REPLAYED_HEADER.to_owned(), "true".to_owned()));
+                if replayed {
+                    exact.push((REPLAYED_HEADER.to_owned(), "true".to_owned()));
+                }
                 host.set_response_headers(&exact);
                 Flow::Continue
             }
             Phase::Forwarded(fwd) => {
+                observe_latency(&fwd.route, host.now_ms().saturating_sub(fwd.started_ms));
                 let all = host.response_headers();
                 let status = header(&all, ":status")
                     .and_then(|s| s.parse::<u16>().ok())
@@ -520,13 +660,46 @@ impl Exchange {
         }
     }
 
-    /// `on_done`: the stream is over. A request that went upstream but whose outcome was
-    /// not recorded (the client went away, Envoy reset the stream mid-response) is recorded
-    /// now: as not replayable (status 499 when no response had started), so a retry can
-    /// never execute it a second time, as it could once the lock expired. The store call
-    /// is detached, so it outlives the stream.
+    /// `on_done`: the stream is over.
+    ///
+    /// - A claim still out: the request never left Envoy, so its lock is given back at
+    ///   once (`release` with the claim's own fencing token; if the release overtakes the
+    ///   claim, the claim finds its tombstone and writes nothing).
+    /// - Forwarded through the router but not recorded (the client went away, Envoy reset
+    ///   the stream mid-response): the upstream may have executed it, so it is recorded as
+    ///   an unknown outcome (status 499) when no response had started, which the route's
+    ///   `unknown_outcome` policy governs; never a silent re-execution. When the response
+    ///   had started, its status decides as usual, but its body is not replayable.
+    /// - A detached execution goes on without the client: its response is stored for the
+    ///   retry.
+    ///
+    /// Store calls made here are detached, so they outlive the stream.
     pub fn on_done(&mut self, host: &dyn Host) {
+        self.client_gone = true;
         let capture = match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Claiming {
+                route,
+                record,
+                fencing_token,
+                ..
+            } => {
+                host.count(Metric::EarlyReleases, 1);
+                host.log(
+                    Level::Debug,
+                    &format!(
+                        "idemgate: route {} key {:?}: the client left before the claim answered; releasing the lock",
+                        route.name, record.key
+                    ),
+                );
+                let call = release_call(&record, fencing_token, None);
+                if let Err(reason) = host.dispatch(call) {
+                    host.log(
+                        Level::Warn,
+                        &format!("idemgate: early release not sent: {reason}"),
+                    );
+                }
+                return;
+            }
             Phase::Forwarded(fwd) => Capture {
                 fwd,
                 status: CLIENT_CLOSED_REQUEST,
@@ -535,6 +708,7 @@ impl Exchange {
                 replayable: false,
                 disposition: Disposition::Unknown,
             },
+            // The status is the upstream's own; only the body is incomplete.
             Phase::Capturing(mut capture) => {
                 capture.replayable = false;
                 capture
@@ -548,11 +722,192 @@ impl Exchange {
         host.log(
             Level::Warn,
             &format!(
-                "idemgate: route {} key {:?}: the stream ended before the outcome was stored; recording it as not replayable so a retry cannot execute again",
+                "idemgate: route {} key {:?}: the stream ended before the outcome was stored; recording an unknown outcome",
                 capture.fwd.route.name, capture.fwd.record.key
             ),
         );
         let _ = self.finish(host, capture, false);
+    }
+
+    /// Detached execution: called by the glue from the root context after
+    /// [`Exchange::take_root_turn_request`]; dispatches the upstream call there, so it is
+    /// owned by the root and survives the client's stream.
+    pub fn on_root_turn(&mut self, host: &dyn Host) {
+        match std::mem::replace(&mut self.phase, Phase::Done) {
+            Phase::Detaching { fwd, call } => {
+                let cluster = call.cluster.clone();
+                match host.dispatch_upstream(call) {
+                    Ok(token) => {
+                        host.count(Metric::DetachedExecutions, 1);
+                        self.phase = Phase::Executing { fwd, token };
+                    }
+                    Err(reason) => {
+                        // Never sent: give the key back and tell the client.
+                        let detail = format!(
+                            "the detached upstream call to cluster {cluster:?} could not be dispatched: {reason}"
+                        );
+                        host.log(
+                            Level::Error,
+                            &format!("idemgate: route {}: {detail}", fwd.route.name),
+                        );
+                        let answer = Answer::Response {
+                            status: 503,
+                            headers: vec![("content-type".to_owned(), "text/plain".to_owned())],
+                            body: b"idemgate: the upstream cannot be called".to_vec(),
+                        };
+                        self.record_detached(host, fwd, 503, Outcome::Release, answer);
+                    }
+                }
+            }
+            other => self.phase = other,
+        }
+    }
+
+    /// Detached execution: the upstream call answered (or failed: zero headers).
+    fn on_upstream_reply(&mut self, host: &dyn Host, fwd: Forwarded, reply: StoreReply) {
+        observe_latency(&fwd.route, host.now_ms().saturating_sub(fwd.started_ms));
+        let StoreReply {
+            status,
+            headers,
+            body,
+        } = reply;
+        let Some(status) = status else {
+            return self.unknown_detached(
+                host,
+                fwd,
+                "the upstream call failed or timed out after the request was sent",
+            );
+        };
+        match Origin::of_callout(status, &body) {
+            Origin::Upstream => {}
+            Origin::NeverSent(d) => {
+                host.log(Level::Debug, &format!("idemgate: Envoy answered {status} ({d}) before the request reached the upstream; releasing the key"));
+                let answer = Answer::Response {
+                    status,
+                    headers: forwardable(headers),
+                    body,
+                };
+                return self.record_detached(host, fwd, status, Outcome::Release, answer);
+            }
+            Origin::Unknown(d) => {
+                let detail = format!(
+                    "Envoy answered {status} ({d}) after the request may have reached the upstream"
+                );
+                return self.unknown_detached(host, fwd, &detail);
+            }
+        }
+        let route = fwd.route.clone();
+        let headers = forwardable(headers);
+        let opaque = headers
+            .iter()
+            .any(|(n, v)| v.starts_with(OPAQUE_VALUE_PREFIX) && route.stores_header(n));
+        let over_cap = body.len() as u64 > route.max_response_body_bytes;
+        if over_cap {
+            host.count(Metric::BodyCapEvents, 1);
+            let detail = format!(
+                "the response has {} bytes, over the cap of {}; it is delivered but will not be replayable",
+                body.len(),
+                route.max_response_body_bytes
+            );
+            self.report(host, &route, ReportKind::BodyCap, Some(&fwd.record), detail);
+        }
+        let outcome = if route.store_statuses.stores(status) {
+            Outcome::Store((!opaque && !over_cap).then(|| {
+                StoredResponse {
+                    status,
+                    headers: headers
+                        .iter()
+                        .filter(|(n, _)| route.stores_header(n))
+                        .cloned()
+                        .collect(),
+                    body: body.clone(),
+                }
+            }))
+        } else {
+            Outcome::Release
+        };
+        // A header that is not UTF-8 cannot be sent on as it was: leave it out.
+        let headers = headers
+            .into_iter()
+            .filter(|(_, v)| !v.starts_with(OPAQUE_VALUE_PREFIX))
+            .collect();
+        let answer = Answer::Response {
+            status,
+            headers,
+            body,
+        };
+        self.record_detached(host, fwd, status, outcome, answer);
+    }
+
+    /// Detached execution whose outcome is unknown: recorded as such, and a waiting
+    /// client gets 504 problem details.
+    fn unknown_detached(&mut self, host: &dyn Host, fwd: Forwarded, detail: &str) {
+        host.count(Metric::Abandoned, 1);
+        host.log(
+            Level::Warn,
+            &format!(
+                "idemgate: route {} key {:?}: {detail}; recording an unknown outcome",
+                fwd.route.name, fwd.record.key
+            ),
+        );
+        let answer = Answer::Problem(
+            ProblemType::UpstreamOutcomeUnknown,
+            format!("{detail}; the outcome of the request is unknown. A retry with the same Idempotency-Key gets the route's unknown-outcome answer"),
+        );
+        self.record_detached(host, fwd, GATEWAY_TIMEOUT, Outcome::Unknown, answer);
+    }
+
+    /// Records a detached execution's outcome, then answers the client (if still there)
+    /// once the store has answered.
+    fn record_detached(
+        &mut self,
+        host: &dyn Host,
+        fwd: Forwarded,
+        status: u16,
+        outcome: Outcome,
+        answer: Answer,
+    ) {
+        let record = fwd.record.clone();
+        match send_outcome(host, &fwd, status, outcome) {
+            Ok((token, kind)) => {
+                self.phase = Phase::Delivering {
+                    token,
+                    kind,
+                    record,
+                    answer,
+                };
+            }
+            Err(reason) => {
+                self.store_call_not_sent(host, &fwd, &reason);
+                self.deliver(host, answer);
+            }
+        }
+    }
+
+    /// Gives a detached execution's answer to its client, or ends when the client left.
+    fn deliver(&mut self, host: &dyn Host, answer: Answer) {
+        if self.client_gone {
+            host.count(Metric::DetachedClientGone, 1);
+            self.phase = Phase::Done;
+            return;
+        }
+        match answer {
+            Answer::Response {
+                status,
+                headers,
+                body,
+            } => {
+                host.local_reply(status, &headers, &body);
+                self.phase = Phase::Replaying {
+                    status,
+                    headers,
+                    replayed: false,
+                };
+            }
+            Answer::Problem(kind, detail) => {
+                let _ = self.reject(host, kind, detail, None);
+            }
+        }
     }
 
     /// Tells the server about a decision it did not see (fire-and-forget, detached so it
@@ -611,7 +966,14 @@ impl Exchange {
             method,
             path,
             fingerprint,
+            headers,
         } = pending;
+        let upstream = if route.execution == Execution::Detached {
+            upstream_call(host, &route, headers, body)
+        } else {
+            None
+        };
+        let fencing_token = host.new_fencing_token();
         let request = ClaimRequest {
             fingerprint: fingerprint.finish_with_body(body, &route.body_mode),
             record,
@@ -619,6 +981,8 @@ impl Exchange {
             method,
             path,
             lock_ttl_ms: route.lock_ttl_ms,
+            fencing_token: Some(fencing_token.clone()),
+            unknown_outcome: Some(route.unknown_outcome),
         };
         let call = StoreCall {
             path: CLAIM_PATH,
@@ -632,6 +996,8 @@ impl Exchange {
                     route,
                     record,
                     token,
+                    fencing_token,
+                    upstream,
                 };
                 Flow::Pause
             }
@@ -649,11 +1015,21 @@ impl Exchange {
         host: &dyn Host,
         route: Rc<Route>,
         record: RecordId,
+        fencing_token: String,
+        upstream: Option<UpstreamCall>,
         reply: StoreReply,
     ) {
         let outcome = match decode::<ClaimOutcome>(&reply) {
+            Ok(ClaimOutcome::Released) => Err("the claim ran after its own release".to_owned()),
+            Ok(o) => Ok(o),
+            Err(reason) => Err(reason),
+        };
+        let outcome = match outcome {
             Ok(o) => o,
             Err(reason) => {
+                // The claim may have run with its answer lost: give its lock back (a
+                // tombstone makes a claim that runs even later write nothing).
+                let _ = host.dispatch(release_call(&record, fencing_token, None));
                 let failed = format!("claim failed: {reason}");
                 if self.store_failed(host, &route, &record, &failed) == Flow::Continue {
                     host.resume_request();
@@ -665,12 +1041,19 @@ impl Exchange {
         match outcome {
             ClaimOutcome::Acquired { fencing_token } => {
                 host.count(Metric::Acquired, 1);
-                self.phase = Phase::Forwarded(Forwarded {
+                let fwd = Forwarded {
                     route,
                     record,
                     fencing_token,
-                });
-                host.resume_request();
+                    started_ms: host.now_ms(),
+                };
+                if let Some(call) = upstream {
+                    self.phase = Phase::Detaching { fwd, call };
+                    self.wants_root_turn = true;
+                } else {
+                    self.phase = Phase::Forwarded(fwd);
+                    host.resume_request();
+                }
             }
             ClaimOutcome::Replay { response } => {
                 host.count(Metric::Replayed, 1);
@@ -680,13 +1063,39 @@ impl Exchange {
                     body,
                 } = response;
                 host.local_reply(status, &headers, &body);
-                self.phase = Phase::Replaying { status, headers };
+                self.phase = Phase::Replaying {
+                    status,
+                    headers,
+                    replayed: true,
+                };
             }
-            ClaimOutcome::InFlight { retry_after_ms } => {
+            ClaimOutcome::InFlight {
+                retry_after_ms,
+                age_ms,
+            } => {
                 host.count(Metric::InFlightConflicts, 1);
-                let secs = retry_after_ms.div_ceil(1000).max(1);
+                let secs = in_flight_retry_after_s(&route, retry_after_ms, age_ms);
                 let detail = format!("a request with Idempotency-Key {key:?} is still being processed; retry after {secs} s");
                 self.reject(host, ProblemType::InFlight, detail, Some(secs));
+            }
+            ClaimOutcome::Unknown {
+                retry_after_ms: Some(ms),
+            } => {
+                host.count(Metric::NotReplayable, 1);
+                let secs = ms.div_ceil(1000).max(1);
+                let then = match route.unknown_outcome.then {
+                    AfterUnknown::Reexecute => "the next retry executes the request again",
+                    AfterUnknown::Refuse => "retries are refused until the key expires",
+                };
+                let detail = format!("the outcome of the request with Idempotency-Key {key:?} is unknown: it may have reached the upstream, but no response was stored. If the first execution's answer is stored within {secs} s, a retry gets it; otherwise {then}");
+                self.reject(host, ProblemType::OutcomeUnknown, detail, Some(secs));
+            }
+            ClaimOutcome::Unknown {
+                retry_after_ms: None,
+            } => {
+                host.count(Metric::NotReplayable, 1);
+                let detail = format!("the outcome of the request with Idempotency-Key {key:?} is unknown and this route does not execute it again; check whether it took effect, then use a new key");
+                self.reject(host, ProblemType::OutcomeUnknownRefused, detail, None);
             }
             ClaimOutcome::Mismatch => {
                 host.count(Metric::Mismatches, 1);
@@ -695,9 +1104,10 @@ impl Exchange {
             }
             ClaimOutcome::NotReplayable { status } => {
                 host.count(Metric::NotReplayable, 1);
-                let detail = format!("the request with Idempotency-Key {key:?} completed with status {status}, but its response was not stored (too large, or its outcome is unknown because the stream ended or Envoy answered for the upstream); it will not be executed again: use a new key after checking the result");
+                let detail = format!("the request with Idempotency-Key {key:?} completed with status {status}, but its response was not stored (larger than the route's response cap, or a header value that cannot be replayed faithfully); it will not be executed again: use a new key after checking the result");
                 self.reject(host, ProblemType::NotReplayable, detail, None);
             }
+            ClaimOutcome::Released => {}
         }
     }
 
@@ -806,8 +1216,9 @@ impl Exchange {
         Flow::Pause
     }
 
-    /// The outcome is known: store the response (`complete`, replayable or not) or give
-    /// the key up (`release`). With `hold` the response waits for the store's answer.
+    /// The outcome is settled: store the response (`complete`, replayable or not), record
+    /// it as unknown, or give the key up (`release`). With `hold` the response waits for
+    /// the store's answer.
     fn finish(&mut self, host: &dyn Host, capture: Capture, hold: bool) -> Flow {
         let Capture {
             fwd,
@@ -817,50 +1228,19 @@ impl Exchange {
             replayable,
             disposition,
         } = capture;
-        let route = fwd.route.clone();
-        let complete = match disposition {
-            Disposition::ByStatus => route.store_statuses.stores(status),
-            Disposition::Release => false,
-            Disposition::Unknown => true,
+        let outcome = match disposition {
+            Disposition::ByStatus if fwd.route.store_statuses.stores(status) => {
+                Outcome::Store(replayable.then_some(StoredResponse {
+                    status,
+                    headers,
+                    body,
+                }))
+            }
+            Disposition::ByStatus | Disposition::Release => Outcome::Release,
+            Disposition::Unknown => Outcome::Unknown,
         };
-        let (kind, call) = if complete {
-            let response = replayable.then_some(StoredResponse {
-                status,
-                headers,
-                body,
-            });
-            let request = CompleteRequest {
-                record: fwd.record.clone(),
-                fencing_token: fwd.fencing_token,
-                status,
-                response,
-                ttl_s: route.ttl_s,
-            };
-            (
-                FinishKind::Complete,
-                StoreCall {
-                    path: COMPLETE_PATH,
-                    body: to_json(&request),
-                    detached: true,
-                },
-            )
-        } else {
-            let request = ReleaseRequest {
-                record: fwd.record.clone(),
-                fencing_token: fwd.fencing_token,
-                status: Some(status),
-            };
-            (
-                FinishKind::Release,
-                StoreCall {
-                    path: RELEASE_PATH,
-                    body: to_json(&request),
-                    detached: true,
-                },
-            )
-        };
-        match host.dispatch(call) {
-            Ok(token) => {
+        match send_outcome(host, &fwd, status, outcome) {
+            Ok((token, kind)) => {
                 self.phase = Phase::Finishing {
                     token,
                     kind,
@@ -874,29 +1254,34 @@ impl Exchange {
                 }
             }
             Err(reason) => {
-                host.count(Metric::StoreErrors, 1);
-                let detail = format!(
-                    "{kind:?} could not be dispatched ({reason}); the lock expires after {} ms",
-                    route.lock_ttl_ms
-                );
-                host.log(
-                    Level::Warn,
-                    &format!(
-                        "idemgate: route {} key {:?}: {detail}",
-                        route.name, fwd.record.key
-                    ),
-                );
-                self.report(
-                    host,
-                    &route,
-                    ReportKind::StoreError,
-                    Some(&fwd.record),
-                    detail,
-                );
+                self.store_call_not_sent(host, &fwd, &reason);
                 self.phase = Phase::Done;
                 Flow::Continue
             }
         }
+    }
+
+    /// A `complete`/`release` that could not be dispatched: counted, logged, reported.
+    fn store_call_not_sent(&self, host: &dyn Host, fwd: &Forwarded, reason: &str) {
+        host.count(Metric::StoreErrors, 1);
+        let detail = format!(
+            "recording the outcome failed ({reason}); the lock expires after {} ms",
+            fwd.route.lock_ttl_ms
+        );
+        host.log(
+            Level::Warn,
+            &format!(
+                "idemgate: route {} key {:?}: {detail}",
+                fwd.route.name, fwd.record.key
+            ),
+        );
+        self.report(
+            host,
+            &fwd.route,
+            ReportKind::StoreError,
+            Some(&fwd.record),
+            detail,
+        );
     }
 
     fn on_finish_reply(
@@ -931,6 +1316,141 @@ impl Exchange {
         }
         self.phase = Phase::Done;
     }
+}
+
+/// What `complete` or `release` records.
+enum Outcome {
+    /// `complete`: the response (`None`: not replayable, e.g. over the cap).
+    Store(Option<StoredResponse>),
+    /// `complete` with `outcome_unknown`: the request may have reached the upstream.
+    Unknown,
+    /// `release`: the key is given back; a retry executes.
+    Release,
+}
+
+/// Dispatches the store call that records `outcome` for `fwd` (detached: it outlives the
+/// stream). Returns its token and kind.
+fn send_outcome(
+    host: &dyn Host,
+    fwd: &Forwarded,
+    status: u16,
+    outcome: Outcome,
+) -> Result<(u32, FinishKind), String> {
+    let (kind, call) = match outcome {
+        Outcome::Release => (
+            FinishKind::Release,
+            release_call(&fwd.record, fwd.fencing_token.clone(), Some(status)),
+        ),
+        Outcome::Store(response) => (
+            FinishKind::Complete,
+            complete_call(fwd, status, response, false),
+        ),
+        Outcome::Unknown => (FinishKind::Complete, complete_call(fwd, status, None, true)),
+    };
+    host.dispatch(call)
+        .map(|token| (token, kind))
+        .map_err(|reason| format!("{kind:?} could not be dispatched: {reason}"))
+}
+
+fn complete_call(
+    fwd: &Forwarded,
+    status: u16,
+    response: Option<StoredResponse>,
+    outcome_unknown: bool,
+) -> StoreCall {
+    let request = CompleteRequest {
+        record: fwd.record.clone(),
+        fencing_token: fwd.fencing_token.clone(),
+        status,
+        response,
+        ttl_s: fwd.route.ttl_s,
+        outcome_unknown,
+    };
+    StoreCall {
+        path: COMPLETE_PATH,
+        body: to_json(&request),
+        detached: true,
+    }
+}
+
+/// A detached `release` of the lock `fencing_token` holds on `record`.
+fn release_call(record: &RecordId, fencing_token: String, status: Option<u16>) -> StoreCall {
+    let request = ReleaseRequest {
+        record: record.clone(),
+        fencing_token,
+        status,
+    };
+    StoreCall {
+        path: RELEASE_PATH,
+        body: to_json(&request),
+        detached: true,
+    }
+}
+
+/// The upstream call of a detached execution: the request's headers without hop-by-hop
+/// ones (Envoy frames the body itself), to the route's cluster. `None` when no cluster is
+/// known (then the request goes through the router, logged).
+fn upstream_call(
+    host: &dyn Host,
+    route: &Route,
+    headers: Vec<(String, String)>,
+    body: &[u8],
+) -> Option<UpstreamCall> {
+    let cluster = route.upstream_cluster.clone().or_else(|| {
+        host.property(&ROUTE_CLUSTER.map(str::to_owned))
+            .and_then(|v| String::from_utf8(v).ok())
+            .filter(|c| !c.is_empty())
+    });
+    let Some(cluster) = cluster else {
+        host.log(Level::Warn, &format!("idemgate: route {}: no upstream cluster for a detached execution (set upstream_cluster, or match an Envoy route with a cluster); forwarding through the router", route.name));
+        return None;
+    };
+    let headers = headers
+        .into_iter()
+        .filter(|(n, _)| {
+            matches!(n.as_str(), ":method" | ":path" | ":authority") || !is_hop_by_hop(n)
+        })
+        .collect();
+    Some(UpstreamCall {
+        cluster,
+        headers,
+        body: body.to_vec(),
+        timeout_ms: route.upstream_timeout_ms,
+    })
+}
+
+/// A callout's response headers as a client may get them: no pseudo-headers, no
+/// hop-by-hop headers (Envoy frames the local reply itself).
+fn forwardable(headers: Vec<(String, String)>) -> Vec<(String, String)> {
+    headers
+        .into_iter()
+        .filter(|(n, _)| !is_hop_by_hop(n))
+        .collect()
+}
+
+/// Folds one execution's latency (claim acquired to response) into the route's usual
+/// latency: an exponentially weighted moving average with weight 1/8.
+fn observe_latency(route: &Route, sample_ms: u64) {
+    let old = route.usual_latency_ms.get();
+    let new = if old == 0 {
+        sample_ms.max(1)
+    } else {
+        (old.saturating_mul(7).saturating_add(sample_ms) / 8).max(1)
+    };
+    route.usual_latency_ms.set(new);
+}
+
+/// `Retry-After` of a 409 in-flight, seconds: when the first execution's answer should be
+/// ready, from the route's usual latency (per worker; [`DEFAULT_USUAL_LATENCY_MS`] before
+/// any sample) minus how long the lock has been held, rounded up, at least 1 s and at most
+/// the lock's remaining time (after which the answer is certain to be known or unknown).
+pub fn in_flight_retry_after_s(route: &Route, lock_remaining_ms: u64, age_ms: u64) -> u64 {
+    let usual = match route.usual_latency_ms.get() {
+        0 => DEFAULT_USUAL_LATENCY_MS,
+        ms => ms,
+    };
+    let expected_s = usual.saturating_sub(age_ms).div_ceil(1000).max(1);
+    expected_s.min(lock_remaining_ms.div_ceil(1000).max(1))
 }
 
 /// The request's scope per its route, or why it has none (never a shared scope by accident).

@@ -6,7 +6,8 @@ use std::rc::Rc;
 
 use idemgate_protocol::admin::{FilterReport, ReportKind, REPORT_PATH};
 use idemgate_protocol::{
-    ClaimOutcome, ClaimRequest, CompleteRequest, ReleaseRequest, StoredResponse,
+    AfterUnknown, ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, ReleaseRequest,
+    StoredResponse,
 };
 
 use super::*;
@@ -42,6 +43,8 @@ struct FakeHost {
     calls: RefCell<Vec<(u32, &'static str, Vec<u8>)>>,
     counters: RefCell<HashMap<Metric, i64>>,
     next_token: RefCell<u32>,
+    upstream_calls: RefCell<Vec<(u32, UpstreamCall)>>,
+    now_ms: RefCell<u64>,
 }
 
 impl FakeHost {
@@ -190,6 +193,22 @@ impl Host for FakeHost {
             body: body.to_vec(),
         });
     }
+    fn dispatch_upstream(&self, call: UpstreamCall) -> Result<u32, String> {
+        if self.refuse_dispatch {
+            return Err("BadArgument".into());
+        }
+        let token = *self.next_token.borrow();
+        *self.next_token.borrow_mut() += 1;
+        self.upstream_calls.borrow_mut().push((token, call));
+        Ok(token)
+    }
+    fn new_fencing_token(&self) -> String {
+        let n = *self.next_token.borrow();
+        format!("{n:032x}")
+    }
+    fn now_ms(&self) -> u64 {
+        *self.now_ms.borrow()
+    }
     fn count(&self, metric: Metric, delta: i64) {
         *self.counters.borrow_mut().entry(metric).or_default() += delta;
     }
@@ -219,6 +238,7 @@ fn ok(body: &impl serde::Serialize) -> StoreReply {
     StoreReply {
         status: Some(200),
         body: serde_json::to_vec(body).expect("json"),
+        ..StoreReply::default()
     }
 }
 
@@ -395,23 +415,41 @@ fn replay_answers_locally_with_exact_headers_and_marker() {
 }
 
 #[test]
+fn in_flight_retry_after_follows_the_usual_latency_not_the_lock() {
+    let config = Config::from_json(CONFIG.as_bytes()).expect("config");
+    let route = &config.routes[0];
+    // No sample yet: 1 s, even with 59 s of lock left.
+    assert_eq!(in_flight_retry_after_s(route, 59_000, 0), 1);
+    // Usually 2.5 s; held 400 ms: ready in about 2.1 s -> 3.
+    route.usual_latency_ms.set(2_500);
+    assert_eq!(in_flight_retry_after_s(route, 59_000, 400), 3);
+    // Overdue: at least 1 s.
+    assert_eq!(in_flight_retry_after_s(route, 59_000, 9_000), 1);
+    // Never past the lock's end.
+    route.usual_latency_ms.set(30_000);
+    assert_eq!(in_flight_retry_after_s(route, 2_001, 0), 3);
+}
+
+#[test]
 fn in_flight_gets_409_with_retry_after_rounded_up() {
     let host = payment("k1");
     answered(
         &host,
         ClaimOutcome::InFlight {
             retry_after_ms: 2_001,
+            age_ms: 0,
         },
     );
     let (status, headers, body) = host.last_reply();
     assert_eq!(status, 409);
-    assert!(headers.contains(&("retry-after".to_owned(), "3".to_owned())));
+    // No latency measured yet on this route: the 1 s default, not the lock's 2.001 s.
+    assert!(headers.contains(&("retry-after".to_owned(), "1".to_owned())));
     assert!(headers.contains(&(
         "content-type".to_owned(),
         "application/problem+json".to_owned()
     )));
     assert_eq!(body["type"], "urn:idemgate:problem:in-flight");
-    assert_eq!(body["retry_after_s"], 3);
+    assert_eq!(body["retry_after_s"], 1);
     assert_eq!(host.count_of(Metric::InFlightConflicts), 1);
 }
 
@@ -695,8 +733,8 @@ fn a_stream_that_ends_mid_exchange_is_recorded_as_not_replayable() {
     x.on_done(&host);
     let (_, complete) = host.last_call::<CompleteRequest>();
     assert_eq!(
-        (complete.status, complete.response),
-        (CLIENT_CLOSED_REQUEST, None)
+        (complete.status, complete.response, complete.outcome_unknown),
+        (CLIENT_CLOSED_REQUEST, None, true)
     );
     assert!(matches!(
         host.effects().last(),
@@ -799,7 +837,7 @@ fn store_failures_follow_the_failure_mode() {
         token,
         StoreReply {
             status: None,
-            body: vec![],
+            ..StoreReply::default()
         },
     );
     let (status, headers, body) = host.last_reply();
@@ -815,10 +853,12 @@ fn store_failures_follow_the_failure_mode() {
         StoreReply {
             status: Some(503),
             body: br#"{"type":"x","title":"t","status":503}"#.to_vec(),
+            ..StoreReply::default()
         },
         StoreReply {
             status: Some(200),
             body: b"<html>".to_vec(),
+            ..StoreReply::default()
         },
     ] {
         let mut x = exchange();
@@ -845,7 +885,7 @@ fn store_failures_follow_the_failure_mode() {
         token,
         StoreReply {
             status: None,
-            body: vec![],
+            ..StoreReply::default()
         },
     );
     assert_eq!(host.effects().last(), Some(&Effect::ResumeRequest));
@@ -923,4 +963,340 @@ fn reports_can_be_turned_off() {
     x.on_request_headers(&host, true);
     assert_eq!(host.last_reply().0, 400);
     assert!(host.calls.borrow().is_empty());
+}
+
+// ---- detached execution, unknown outcomes, early release -------------------------------
+
+const DETACHED: &str = r#"{
+  "store": {"cluster": "idemgate_store"},
+  "routes": [
+    {"name": "pay", "match": {"prefix": "/v1/pay"}, "execution": "detached",
+     "upstream_timeout_ms": 2500, "lock_ttl_ms": 10000, "max_response_body_bytes": 16,
+     "unknown_outcome": {"hold_s": 5, "then": "reexecute"}},
+    {"name": "nocluster", "match": {"prefix": "/v1/nocluster"}, "execution": "detached"}
+  ]
+}"#;
+
+fn detached_exchange() -> Exchange {
+    Exchange::new(Some(Rc::new(
+        Config::from_json(DETACHED.as_bytes()).expect("detached config"),
+    )))
+}
+
+/// A detached `POST /v1/pay` (Envoy route cluster `api`) whose claim was acquired and
+/// whose root turn dispatched the upstream call; returns the exchange and that call.
+fn executing(host: &mut FakeHost) -> (Exchange, u32, UpstreamCall) {
+    host.properties
+        .insert(vec!["xds".into(), "cluster_name".into()], b"api".to_vec());
+    let mut x = detached_exchange();
+    assert_eq!(x.on_request_headers(host, false), Flow::Pause);
+    assert_eq!(x.on_request_body(host, 2, true), Flow::Pause);
+    let (token, claim) = host.last_call::<ClaimRequest>();
+    let ft = claim
+        .fencing_token
+        .clone()
+        .expect("the filter makes the fencing token");
+    assert_eq!(
+        claim.unknown_outcome.map(|p| (p.hold_s, p.then)),
+        Some((5, AfterUnknown::Reexecute))
+    );
+    x.on_store_reply(
+        host,
+        token,
+        ok(&ClaimOutcome::Acquired { fencing_token: ft }),
+    );
+    assert!(
+        !host.effects().contains(&Effect::ResumeRequest),
+        "a detached execution never resumes the client's request into the router"
+    );
+    assert!(
+        x.take_root_turn_request(),
+        "the root must dispatch the upstream call"
+    );
+    assert!(!x.take_root_turn_request(), "asked once");
+    x.on_root_turn(host);
+    let (utoken, call) = host
+        .upstream_calls
+        .borrow()
+        .last()
+        .cloned()
+        .expect("upstream call");
+    assert_eq!(x.awaiting_root_callout(), Some(utoken));
+    (x, utoken, call)
+}
+
+fn detached_host() -> FakeHost {
+    FakeHost::request(
+        "POST",
+        "/v1/pay",
+        &[
+            AUTH,
+            ("idempotency-key", "k"),
+            ("connection", "keep-alive"),
+            ("content-length", "2"),
+            ("x-trace", "t1"),
+        ],
+    )
+    .with_body(b"{}")
+}
+
+fn upstream_reply(status: u16, headers: &[(&str, &str)], body: &[u8]) -> StoreReply {
+    let mut all = vec![(":status".to_owned(), status.to_string())];
+    all.extend(
+        headers
+            .iter()
+            .map(|(n, v)| ((*n).to_owned(), (*v).to_owned())),
+    );
+    StoreReply {
+        status: Some(status),
+        headers: all,
+        body: body.to_vec(),
+    }
+}
+
+#[test]
+fn detached_execution_sends_the_request_to_the_route_cluster_without_hop_by_hop_headers() {
+    let mut host = detached_host();
+    let (_, _, call) = executing(&mut host);
+    assert_eq!(call.cluster, "api");
+    assert_eq!(call.timeout_ms, 2500);
+    assert_eq!(call.body, b"{}");
+    let names: Vec<&str> = call.headers.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            ":method",
+            ":path",
+            ":authority",
+            "authorization",
+            "idempotency-key",
+            "x-trace"
+        ]
+    );
+    assert_eq!(host.count_of(Metric::DetachedExecutions), 1);
+}
+
+#[test]
+fn detached_answer_is_stored_then_given_to_the_waiting_client_without_the_marker() {
+    let mut host = detached_host();
+    let (mut x, utoken, _) = executing(&mut host);
+    x.on_store_reply(
+        &host,
+        utoken,
+        upstream_reply(
+            201,
+            &[
+                ("location", "/p/1"),
+                ("set-cookie", "s=1"),
+                ("connection", "close"),
+            ],
+            b"{\"id\":1}",
+        ),
+    );
+    let (ctoken, complete) = host.last_call::<CompleteRequest>();
+    let stored = complete.response.expect("replayable");
+    assert_eq!(stored.status, 201);
+    assert_eq!(
+        stored.headers,
+        vec![("location".to_owned(), "/p/1".to_owned())]
+    );
+    assert!(!complete.outcome_unknown);
+    // The client waits for the store.
+    assert!(!host
+        .effects()
+        .iter()
+        .any(|e| matches!(e, Effect::LocalReply { .. })));
+    assert_eq!(x.awaiting_root_callout(), Some(ctoken));
+    x.on_store_reply(&host, ctoken, ok(&CompleteOutcome::Completed));
+    let Some(Effect::LocalReply {
+        status,
+        headers,
+        body,
+    }) = host.effects().last().cloned()
+    else {
+        panic!("the client gets the answer: {:?}", host.effects());
+    };
+    assert_eq!((status, body.as_slice()), (201, b"{\"id\":1}".as_slice()));
+    // The first client gets what the upstream sent (cookies too), hop-by-hop left out.
+    assert_eq!(
+        headers,
+        vec![
+            ("location".to_owned(), "/p/1".to_owned()),
+            ("set-cookie".to_owned(), "s=1".to_owned())
+        ]
+    );
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
+    x.on_response_headers(&host, false);
+    let exact = host.response_headers.borrow().clone();
+    assert!(
+        !exact.iter().any(|(n, _)| n == REPLAYED_HEADER),
+        "{exact:?}"
+    );
+    assert!(!x.is_active());
+}
+
+#[test]
+fn detached_execution_outlives_its_client_and_stores_for_the_retry() {
+    let mut host = detached_host();
+    let (mut x, utoken, _) = executing(&mut host);
+    x.on_done(&host);
+    assert_eq!(
+        host.count_of(Metric::Abandoned),
+        0,
+        "not an unknown outcome"
+    );
+    assert!(x.is_active(), "the root keeps it");
+    x.on_store_reply(&host, utoken, upstream_reply(201, &[], b"ok"));
+    let (ctoken, complete) = host.last_call::<CompleteRequest>();
+    assert_eq!(complete.response.map(|r| r.body), Some(b"ok".to_vec()));
+    x.on_store_reply(&host, ctoken, ok(&CompleteOutcome::Completed));
+    assert!(!host
+        .effects()
+        .iter()
+        .any(|e| matches!(e, Effect::LocalReply { .. })));
+    assert_eq!(host.count_of(Metric::DetachedClientGone), 1);
+    assert!(!x.is_active());
+}
+
+#[test]
+fn detached_failure_is_an_unknown_outcome_and_a_504_problem() {
+    for reply in [
+        StoreReply::default(),
+        upstream_reply(504, &[("content-type", "text/plain")], b"upstream request timeout"),
+        upstream_reply(503, &[], b"upstream connect error or disconnect/reset before headers. reset reason: connection termination"),
+    ] {
+        let mut host = detached_host();
+        let (mut x, utoken, _) = executing(&mut host);
+        x.on_store_reply(&host, utoken, reply);
+        let (ctoken, complete) = host.last_call::<CompleteRequest>();
+        assert!(complete.outcome_unknown);
+        assert_eq!(complete.response, None);
+        x.on_store_reply(&host, ctoken, ok(&CompleteOutcome::Completed));
+        let (status, headers, body) = host.last_reply();
+        assert_eq!(status, 504);
+        assert_eq!(body["type"], "urn:idemgate:problem:upstream-outcome-unknown");
+        assert!(!headers.iter().any(|(n, _)| n == "retry-after"));
+        assert_eq!(host.count_of(Metric::Abandoned), 1);
+    }
+}
+
+#[test]
+fn detached_call_that_never_reached_the_upstream_releases_the_key() {
+    let mut host = detached_host();
+    let (mut x, utoken, _) = executing(&mut host);
+    x.on_store_reply(
+        &host,
+        utoken,
+        upstream_reply(
+            503,
+            &[("content-type", "text/plain")],
+            b"no healthy upstream",
+        ),
+    );
+    let (_, release) = host.last_call::<ReleaseRequest>();
+    assert_eq!(release.status, Some(503));
+}
+
+#[test]
+fn detached_response_over_the_cap_is_delivered_but_not_replayable() {
+    let mut host = detached_host();
+    let (mut x, utoken, _) = executing(&mut host);
+    let big = vec![b'x'; 100];
+    x.on_store_reply(&host, utoken, upstream_reply(201, &[], &big));
+    let (ctoken, complete) = host.last_call::<CompleteRequest>();
+    assert_eq!((complete.response, complete.outcome_unknown), (None, false));
+    x.on_store_reply(&host, ctoken, ok(&CompleteOutcome::Completed));
+    let Some(Effect::LocalReply { status, body, .. }) = host.effects().last().cloned() else {
+        panic!("delivered");
+    };
+    assert_eq!((status, body.len()), (201, 100));
+    assert_eq!(host.count_of(Metric::BodyCapEvents), 1);
+}
+
+#[test]
+fn detached_route_without_a_cluster_goes_through_the_router() {
+    let host = FakeHost::request("POST", "/v1/nocluster", &[AUTH, ("idempotency-key", "k")]);
+    let mut x = detached_exchange();
+    x.on_request_headers(&host, true);
+    let (token, claim) = host.last_call::<ClaimRequest>();
+    x.on_store_reply(
+        &host,
+        token,
+        ok(&ClaimOutcome::Acquired {
+            fencing_token: claim.fencing_token.unwrap_or_default(),
+        }),
+    );
+    assert!(!x.take_root_turn_request());
+    assert_eq!(host.effects().last(), Some(&Effect::ResumeRequest));
+}
+
+#[test]
+fn a_client_that_leaves_before_the_claim_answers_releases_the_lock_at_once() {
+    let host = payment("k");
+    let mut x = exchange();
+    let (_, claim) = claim_payment(&mut x, &host);
+    x.on_done(&host);
+    let (_, release) = host.last_call::<ReleaseRequest>();
+    assert_eq!(Some(release.fencing_token), claim.fencing_token);
+    assert!(matches!(
+        host.effects().last(),
+        Some(Effect::Dispatch { detached: true, .. })
+    ));
+    assert_eq!(host.count_of(Metric::EarlyReleases), 1);
+    assert_eq!(host.count_of(Metric::Abandoned), 0);
+}
+
+#[test]
+fn a_failed_claim_gives_its_own_lock_back() {
+    let host = payment("k");
+    let mut x = exchange();
+    let (token, claim) = claim_payment(&mut x, &host);
+    x.on_store_reply(&host, token, StoreReply::default());
+    let (_, release) = host.last_call::<ReleaseRequest>();
+    assert_eq!(Some(release.fencing_token), claim.fencing_token);
+    assert_eq!(host.last_reply().0, 503);
+}
+
+#[test]
+fn unknown_outcomes_get_409_of_their_own_types() {
+    let host = payment("k");
+    answered(
+        &host,
+        ClaimOutcome::Unknown {
+            retry_after_ms: Some(4_200),
+        },
+    );
+    let (status, headers, body) = host.last_reply();
+    assert_eq!(status, 409);
+    assert_eq!(body["type"], "urn:idemgate:problem:outcome-unknown");
+    assert!(headers.contains(&("retry-after".to_owned(), "5".to_owned())));
+
+    let host = payment("k");
+    answered(
+        &host,
+        ClaimOutcome::Unknown {
+            retry_after_ms: None,
+        },
+    );
+    let (status, headers, body) = host.last_reply();
+    assert_eq!(status, 409);
+    assert_eq!(body["type"], "urn:idemgate:problem:outcome-unknown-refused");
+    assert!(
+        !headers.iter().any(|(n, _)| n == "retry-after"),
+        "final: nothing to wait for"
+    );
+}
+
+#[test]
+fn envoy_timeouts_in_router_mode_are_unknown_outcomes() {
+    let mut host = payment("k");
+    host.properties.insert(
+        vec!["response".into(), "code_details".into()],
+        b"upstream_response_timeout".to_vec(),
+    );
+    let mut x = forwarded_payment(&host);
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "504".into())];
+    x.on_response_headers(&host, false);
+    let (_, complete) = host.last_call::<CompleteRequest>();
+    assert!(complete.outcome_unknown);
 }

@@ -4,9 +4,10 @@
 //! read as bytes (`get_map_bytes`): the SDK's string helpers `unwrap()` and would trap the
 //! VM on a non-UTF-8 header value. A failed hostcall becomes "absent" plus a log line.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -14,7 +15,7 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 
 use crate::config::Config;
 use crate::exchange::{Exchange, Flow, OPAQUE_VALUE_PREFIX};
-use crate::host::{Host, Level, Metric, StoreCall, StoreReply};
+use crate::host::{Host, Level, Metric, StoreCall, StoreReply, UpstreamCall};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -22,7 +23,13 @@ proxy_wasm::main! {{
         let _ = hostcalls::log(LogLevel::Critical, &format!("idemgate filter panicked: {info}"));
     }));
     proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
-        Box::new(IdemRoot { context_id, config: None, metrics: Rc::new(Metrics::default()) })
+        Box::new(IdemRoot {
+            context_id,
+            config: None,
+            metrics: Rc::new(Metrics::default()),
+            turns: Rc::new(RootTurns::default()),
+            callouts: HashMap::new(),
+        })
     });
 }}
 
@@ -52,13 +59,91 @@ impl Metrics {
     }
 }
 
+/// A stream's exchange, shared with the root context while a detached execution runs.
+type SharedExchange = Rc<RefCell<Exchange>>;
+
+/// Exchanges waiting for a root turn, and the wake-up that brings it.
+///
+/// A callout is owned (in the SDK) by the context whose callback dispatched it, and its
+/// answer is dropped once that context is gone. A detached execution must outlive the
+/// client's stream, so its upstream call is dispatched from a root callback: the stream
+/// queues its exchange here and enqueues a byte on this worker's shared queue, whose
+/// `on_queue_ready` runs on the root context in the same event loop turn's aftermath
+/// (Envoy posts it to the worker's dispatcher; no timer, no polling).
+#[derive(Default)]
+struct RootTurns {
+    /// This root context's shared queue (unique name per VM), `None` if it could not be
+    /// registered: detached executions then dispatch from the stream itself (they still
+    /// run, but a client that leaves cancels them).
+    queue_id: Cell<Option<u32>>,
+    /// `(stream context id, exchange)` in arrival order.
+    pending: RefCell<Vec<(u32, SharedExchange)>>,
+}
+
 struct IdemRoot {
     context_id: u32,
     config: Option<Rc<Config>>,
     metrics: Rc<Metrics>,
+    turns: Rc<RootTurns>,
+    /// Root-owned callouts of detached executions: token -> (stream context id, exchange).
+    callouts: HashMap<u32, (u32, SharedExchange)>,
 }
 
-impl Context for IdemRoot {}
+impl IdemRoot {
+    /// Runs `f` on a stream's exchange from a root callback: the effective context is the
+    /// stream's while it lives (local replies reach its client), and the root's again
+    /// afterwards. A callout the exchange then waits for is routed back to it.
+    fn with_exchange(
+        &mut self,
+        stream_id: u32,
+        shared: &SharedExchange,
+        f: impl FnOnce(&mut Exchange, &GlueHost<'_>),
+    ) {
+        let alive = hostcalls::set_effective_context(stream_id).is_ok();
+        let host = GlueHost {
+            context_id: stream_id,
+            root_id: self.context_id,
+            config: self.config.as_deref(),
+            metrics: &self.metrics,
+            stream_alive: alive,
+        };
+        match shared.try_borrow_mut() {
+            Ok(mut exchange) => {
+                if !alive {
+                    exchange.on_done(&host);
+                }
+                f(&mut exchange, &host);
+                if let Some(token) = exchange.awaiting_root_callout() {
+                    self.callouts.insert(token, (stream_id, shared.clone()));
+                }
+            }
+            Err(_) => log(
+                Level::Error,
+                "idemgate: an exchange was busy during a root turn; skipped",
+            ),
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+}
+
+impl Context for IdemRoot {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        // Answers to reports dispatched from root turns are not routed anywhere.
+        let Some((stream_id, shared)) = self.callouts.remove(&token_id) else {
+            return;
+        };
+        let reply = read_reply(num_headers, body_size);
+        self.with_exchange(stream_id, &shared, |exchange, host| {
+            exchange.on_store_reply(host, token_id, reply);
+        });
+    }
+}
 
 impl RootContext for IdemRoot {
     fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
@@ -84,6 +169,16 @@ impl RootContext for IdemRoot {
         match Config::from_json(&bytes) {
             Ok(config) => {
                 self.metrics.define();
+                if self.turns.queue_id.get().is_none() {
+                    let name = format!("idemgate.root-turns.{}", random_hex());
+                    match hostcalls::register_shared_queue(&name) {
+                        Ok(id) => self.turns.queue_id.set(Some(id)),
+                        Err(status) => log(
+                            Level::Warn,
+                            &format!("idemgate: cannot register the root-turn queue ({status:?}); detached executions end with their client"),
+                        ),
+                    }
+                }
                 log(Level::Info, &format!(
                     "idemgate filter {} configured: config hash {}, {} route(s), store cluster {:?}",
                     crate::VERSION,
@@ -101,6 +196,16 @@ impl RootContext for IdemRoot {
         }
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        let pending = std::mem::take(&mut *self.turns.pending.borrow_mut());
+        for (stream_id, shared) in pending {
+            self.with_exchange(stream_id, &shared, |exchange, host| {
+                exchange.on_root_turn(host);
+            });
+        }
+    }
+
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(IdemHttp {
             env: HttpEnv {
@@ -108,8 +213,9 @@ impl RootContext for IdemRoot {
                 root_id: self.context_id,
                 config: self.config.clone(),
                 metrics: self.metrics.clone(),
+                turns: self.turns.clone(),
             },
-            exchange: Exchange::new(self.config.clone()),
+            exchange: Rc::new(RefCell::new(Exchange::new(self.config.clone()))),
         }))
     }
 
@@ -120,7 +226,7 @@ impl RootContext for IdemRoot {
 
 struct IdemHttp {
     env: HttpEnv,
-    exchange: Exchange,
+    exchange: SharedExchange,
 }
 
 /// What a stream's [`GlueHost`] is built from.
@@ -129,6 +235,7 @@ struct HttpEnv {
     root_id: u32,
     config: Option<Rc<Config>>,
     metrics: Rc<Metrics>,
+    turns: Rc<RootTurns>,
 }
 
 impl HttpEnv {
@@ -138,7 +245,44 @@ impl HttpEnv {
             root_id: self.root_id,
             config: self.config.as_deref(),
             metrics: &self.metrics,
+            stream_alive: true,
         }
+    }
+}
+
+impl IdemHttp {
+    /// Runs one callback on the exchange, then hands it to the root if it asked for a
+    /// root turn.
+    fn run<T>(&mut self, fallback: T, f: impl FnOnce(&mut Exchange, &GlueHost<'_>) -> T) -> T {
+        let host = self.env.host();
+        let Ok(mut exchange) = self.exchange.try_borrow_mut() else {
+            log(
+                Level::Error,
+                "idemgate: the exchange is busy in a root turn; callback passed through",
+            );
+            return fallback;
+        };
+        let out = f(&mut exchange, &host);
+        if exchange.take_root_turn_request() {
+            match self.env.turns.queue_id.get() {
+                Some(queue_id) => {
+                    self.env
+                        .turns
+                        .pending
+                        .borrow_mut()
+                        .push((self.env.context_id, self.exchange.clone()));
+                    if let Err(status) = hostcalls::enqueue_shared_queue(queue_id, Some(b"1")) {
+                        log(
+                            Level::Warn,
+                            &format!("idemgate: root turn not signalled ({status:?}); the next one picks it up"),
+                        );
+                    }
+                }
+                // No queue: dispatch from the stream (a leaving client cancels the call).
+                None => exchange.on_root_turn(&host),
+            }
+        }
+        out
     }
 }
 
@@ -149,6 +293,48 @@ fn action(flow: Flow) -> Action {
     }
 }
 
+/// Reads a callout's answer; zero headers means it failed or timed out.
+fn read_reply(num_headers: usize, body_size: usize) -> StoreReply {
+    if num_headers == 0 {
+        return StoreReply::default();
+    }
+    let headers = read_map(MapType::HttpCallResponseHeaders);
+    let status = headers
+        .iter()
+        .find(|(n, _)| n == ":status")
+        .and_then(|(_, v)| v.parse::<u16>().ok());
+    let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
+        Ok(b) => b.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    StoreReply {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// 16 random bytes as 32 lowercase hex digits (WASI `random_get`); should the host refuse
+/// randomness, the SHA-256 of the time and a per-VM counter, which is still unique.
+fn random_hex() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        use sha2::{Digest, Sha256};
+        thread_local!(static COUNTER: Cell<u64> = const { Cell::new(0) });
+        let n = COUNTER.with(|c| {
+            c.set(c.get().wrapping_add(1));
+            c.get()
+        });
+        let now = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        let digest = Sha256::digest(format!("{now}/{n}").as_bytes());
+        bytes.copy_from_slice(&digest[..16]);
+    }
+    hex::encode(bytes)
+}
+
 impl Context for IdemHttp {
     fn on_http_call_response(
         &mut self,
@@ -157,68 +343,49 @@ impl Context for IdemHttp {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let reply = if num_headers == 0 {
-            StoreReply {
-                status: None,
-                body: Vec::new(),
-            }
-        } else {
-            let status = read_map(MapType::HttpCallResponseHeaders)
-                .into_iter()
-                .find(|(n, _)| n == ":status")
-                .and_then(|(_, v)| v.parse::<u16>().ok());
-            let body = match hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size) {
-                Ok(b) => b.unwrap_or_default(),
-                Err(_) => Vec::new(),
-            };
-            StoreReply { status, body }
-        };
-        let host = self.env.host();
-        self.exchange.on_store_reply(&host, token_id, reply);
+        let reply = read_reply(num_headers, body_size);
+        self.run((), |exchange, host| {
+            exchange.on_store_reply(host, token_id, reply);
+        });
     }
 
     fn on_done(&mut self) -> bool {
-        let host = self.env.host();
-        self.exchange.on_done(&host);
+        self.run((), |exchange, host| exchange.on_done(host));
         true
     }
 }
 
 impl HttpContext for IdemHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let host = self.env.host();
-        action(self.exchange.on_request_headers(&host, end_of_stream))
+        action(self.run(Flow::Continue, |e, h| {
+            e.on_request_headers(h, end_of_stream)
+        }))
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let host = self.env.host();
-        action(
-            self.exchange
-                .on_request_body(&host, body_size, end_of_stream),
-        )
+        action(self.run(Flow::Continue, |e, h| {
+            e.on_request_body(h, body_size, end_of_stream)
+        }))
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        let host = self.env.host();
-        action(self.exchange.on_request_trailers(&host))
+        action(self.run(Flow::Continue, |e, h| e.on_request_trailers(h)))
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        let host = self.env.host();
-        action(self.exchange.on_response_headers(&host, end_of_stream))
+        action(self.run(Flow::Continue, |e, h| {
+            e.on_response_headers(h, end_of_stream)
+        }))
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let host = self.env.host();
-        action(
-            self.exchange
-                .on_response_body(&host, body_size, end_of_stream),
-        )
+        action(self.run(Flow::Continue, |e, h| {
+            e.on_response_body(h, body_size, end_of_stream)
+        }))
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
-        let host = self.env.host();
-        action(self.exchange.on_response_trailers(&host))
+        action(self.run(Flow::Continue, |e, h| e.on_response_trailers(h)))
     }
 }
 
@@ -228,6 +395,21 @@ struct GlueHost<'a> {
     root_id: u32,
     config: Option<&'a Config>,
     metrics: &'a Metrics,
+    /// False in a root turn whose stream has ended: stream hostcalls are skipped.
+    stream_alive: bool,
+}
+
+impl GlueHost<'_> {
+    /// Runs `f` with the root as the effective context (Envoy then owns the callout by the
+    /// root and does not cancel it with the stream), then makes the stream effective again.
+    fn as_root<T>(&self, f: impl FnOnce() -> T) -> T {
+        let switched = hostcalls::set_effective_context(self.root_id).is_ok();
+        let out = f();
+        if switched && self.stream_alive {
+            let _ = hostcalls::set_effective_context(self.context_id);
+        }
+        out
+    }
 }
 
 fn log(level: Level, message: &str) {
@@ -342,19 +524,22 @@ impl Host for GlueHost<'_> {
             (":authority", store.authority.as_str()),
             ("content-type", "application/json"),
         ];
+        let send = || {
+            hostcalls::dispatch_http_call(
+                &store.cluster,
+                headers,
+                Some(&call.body),
+                vec![],
+                Duration::from_millis(store.timeout_ms),
+            )
+        };
         // A detached call belongs to the root context, so Envoy does not cancel it when
         // the client's stream ends; its answer still reaches this stream while it lives.
-        let detached = call.detached && hostcalls::set_effective_context(self.root_id).is_ok();
-        let result = hostcalls::dispatch_http_call(
-            &store.cluster,
-            headers,
-            Some(&call.body),
-            vec![],
-            Duration::from_millis(store.timeout_ms),
-        );
-        if detached {
-            let _ = hostcalls::set_effective_context(self.context_id);
-        }
+        let result = if call.detached {
+            self.as_root(send)
+        } else {
+            send()
+        };
         result.map_err(|status| {
             format!(
                 "{status:?} (is the Envoy cluster {:?} defined?)",
@@ -363,7 +548,44 @@ impl Host for GlueHost<'_> {
         })
     }
 
+    fn dispatch_upstream(&self, call: UpstreamCall) -> Result<u32, String> {
+        let headers: Vec<(&str, &str)> = call
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        self.as_root(|| {
+            hostcalls::dispatch_http_call(
+                &call.cluster,
+                headers,
+                Some(&call.body),
+                vec![],
+                Duration::from_millis(call.timeout_ms),
+            )
+        })
+        .map_err(|status| {
+            format!(
+                "{status:?} (is the Envoy cluster {:?} defined?)",
+                call.cluster
+            )
+        })
+    }
+
+    fn new_fencing_token(&self) -> String {
+        random_hex()
+    }
+
+    fn now_ms(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
     fn resume_request(&self) {
+        if !self.stream_alive {
+            return;
+        }
         if let Err(status) = abi::continue_stream(abi::HTTP_REQUEST) {
             log(
                 Level::Debug,
@@ -373,6 +595,9 @@ impl Host for GlueHost<'_> {
     }
 
     fn resume_response(&self) {
+        if !self.stream_alive {
+            return;
+        }
         if let Err(status) = abi::continue_stream(abi::HTTP_RESPONSE) {
             log(
                 Level::Debug,
@@ -382,6 +607,9 @@ impl Host for GlueHost<'_> {
     }
 
     fn local_reply(&self, status: u16, headers: &[(String, String)], body: &[u8]) {
+        if !self.stream_alive {
+            return;
+        }
         if let Err(s) = abi::send_local_response(status, headers, body) {
             log(
                 Level::Warn,

@@ -49,14 +49,22 @@ pub enum Metric {
     /// 409 answers for a completed key whose response was not stored.
     NotReplayable,
     /// Requests that reached the upstream but whose outcome is unknown (the client went
-    /// away, Envoy timed out or reset the stream): recorded as not replayable so a retry
-    /// cannot execute them again.
+    /// away, Envoy timed out or reset the stream, a detached upstream call failed):
+    /// recorded as unknown outcomes, which the route's `unknown_outcome` policy governs.
     Abandoned,
+    /// Protected requests executed detached from the client's stream.
+    DetachedExecutions,
+    /// Detached executions whose client had gone when the response arrived: stored for
+    /// the retry to replay.
+    DetachedClientGone,
+    /// Locks given back at once because the client left before the claim answered (the
+    /// request never left Envoy).
+    EarlyReleases,
 }
 
 impl Metric {
     /// Every metric, in the order they are defined with Envoy.
-    pub const ALL: [Metric; 14] = [
+    pub const ALL: [Metric; 17] = [
         Self::Checked,
         Self::Acquired,
         Self::Replayed,
@@ -71,6 +79,9 @@ impl Metric {
         Self::LockLost,
         Self::NotReplayable,
         Self::Abandoned,
+        Self::DetachedExecutions,
+        Self::DetachedClientGone,
+        Self::EarlyReleases,
     ];
 
     /// Position in [`Metric::ALL`] (the declaration order).
@@ -95,6 +106,9 @@ impl Metric {
             Self::LockLost => "idemgate.lock_lost",
             Self::NotReplayable => "idemgate.not_replayable",
             Self::Abandoned => "idemgate.abandoned",
+            Self::DetachedExecutions => "idemgate.detached_executions",
+            Self::DetachedClientGone => "idemgate.detached_client_gone",
+            Self::EarlyReleases => "idemgate.early_releases",
         }
     }
 }
@@ -112,14 +126,31 @@ pub struct StoreCall {
     pub detached: bool,
 }
 
-/// A store call's answer as the glue read it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A callout's answer (a store call or a detached upstream call) as the glue read it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StoreReply {
     /// The HTTP status, or `None` when the call failed or timed out (Envoy delivers
     /// such a callout with zero headers).
     pub status: Option<u16>,
+    /// The response headers in order, pseudo-headers included (values as in
+    /// [`Host::request_headers`]); empty when the call failed.
+    pub headers: Vec<(String, String)>,
     /// The body bytes (empty when none).
     pub body: Vec<u8>,
+}
+
+/// The upstream call of a detached execution (see `config::Execution::Detached`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamCall {
+    /// Envoy cluster to call.
+    pub cluster: String,
+    /// Request headers in order, pseudo-headers (`:method`, `:path`, `:authority`)
+    /// included, hop-by-hop headers left out.
+    pub headers: Vec<(String, String)>,
+    /// The buffered request body.
+    pub body: Vec<u8>,
+    /// How long the upstream may take, milliseconds.
+    pub timeout_ms: u64,
 }
 
 /// The host operations the per-request logic uses.
@@ -149,6 +180,17 @@ pub trait Host {
     fn resume_response(&self);
     /// Answers the request locally; the upstream never sees it.
     fn local_reply(&self, status: u16, headers: &[(String, String)], body: &[u8]);
+    /// Dispatches the upstream call of a detached execution, owned by the root context so
+    /// that the end of the client's stream does not cancel it. Only called from
+    /// `Exchange::on_root_turn`.
+    ///
+    /// # Errors
+    /// The host refused the call (unknown cluster, bad arguments): a reason for the log.
+    fn dispatch_upstream(&self, call: UpstreamCall) -> Result<u32, String>;
+    /// A fresh fencing token: 128 random bits as 32 lowercase hex digits.
+    fn new_fencing_token(&self) -> String;
+    /// The current time, Unix milliseconds.
+    fn now_ms(&self) -> u64;
     /// Adds `delta` to a counter.
     fn count(&self, metric: Metric, delta: i64);
     /// Writes a log line.

@@ -19,6 +19,10 @@ pub enum KeyState {
     InFlight,
     /// The response is stored (or, if `replayable` is false, only its status).
     Completed,
+    /// The request may have reached the upstream but no response was stored (the client
+    /// or Envoy gave up, or the lock expired): retries get 409 until the route's hold time
+    /// ends, then execute (`reexecute`) or keep getting a final 409 (`refuse`).
+    Unknown,
 }
 
 /// One record in a key listing.
@@ -191,6 +195,9 @@ pub enum EventKind {
     Mismatch,
     /// A retry of a completed key whose response was too large to store (409).
     NotReplayable,
+    /// An execution's outcome became unknown (the client or Envoy gave up after the
+    /// request left), or a retry met such a record (409).
+    OutcomeUnknown,
     /// The response was stored.
     Completed,
     /// The key was released after an unstored status; a retry executes again.
@@ -300,6 +307,10 @@ pub struct Counters {
     pub releases: u64,
     /// Fencing refusals.
     pub lock_lost: u64,
+    /// Executions whose outcome became unknown (the client or Envoy gave up after the
+    /// request left, or a detached upstream call failed).
+    #[serde(default)]
+    pub unknown_outcomes: u64,
 }
 
 /// One bucket of a window's series.

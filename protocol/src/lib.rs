@@ -136,9 +136,71 @@ pub struct ClaimRequest {
     pub method: String,
     /// Request path with query, as the client sent it.
     pub path: String,
-    /// How long the in-flight lock lives, in milliseconds. After it the record may be
-    /// claimed again and the first holder's `complete` is refused (lock lost).
+    /// How long the in-flight lock lives, in milliseconds. After it a duplicate no longer
+    /// gets [`ClaimOutcome::InFlight`]: with [`ClaimRequest::unknown_outcome`] the record's
+    /// outcome becomes unknown (a late `complete` with this token still lands); without
+    /// it the record vanishes and the next claim acquires.
     pub lock_ttl_ms: u64,
+    /// The fencing token this claim writes: 32 lowercase hex digits made by the caller,
+    /// unique per request, so the claim is idempotent. A claim retried with the same token
+    /// after its reply was lost answers [`ClaimOutcome::Acquired`] again with that token,
+    /// and a `release` that overtook its own claim (the client left before the claim
+    /// answered) makes the late claim answer [`ClaimOutcome::Released`], writing nothing.
+    /// `None`: the server makes a fresh random token (older callers, the CLI).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fencing_token: Option<String>,
+    /// What a retry gets when this execution's outcome becomes unknown (the lock expired
+    /// with nothing stored, or `complete` reports [`CompleteRequest::outcome_unknown`]).
+    /// `None`: the legacy rule (an expired lock vanishes; an unknown outcome is stored as
+    /// a completed, not replayable record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_outcome: Option<UnknownOutcomePolicy>,
+}
+
+/// Longest accepted `unknown_outcome.hold_s`: one day.
+pub const MAX_UNKNOWN_HOLD_S: u64 = 86_400;
+
+/// How long a record whose outcome is unknown is held, and what happens after.
+///
+/// An outcome is unknown when the request may have reached the upstream but no response
+/// was stored: the client's stream was reset after the request left Envoy, Envoy timed
+/// out waiting for the upstream, or the in-flight lock expired with nothing stored. Such a
+/// record is never confused with one whose response was too large to store
+/// ([`ClaimOutcome::NotReplayable`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnknownOutcomePolicy {
+    /// Seconds the unknown outcome is held (1..=[`MAX_UNKNOWN_HOLD_S`]): a retry gets
+    /// [`ClaimOutcome::Unknown`] with a retry time, and a late `complete` from the first
+    /// execution (its fencing token) can still store the real response.
+    pub hold_s: u64,
+    /// What the record does once `hold_s` has passed.
+    pub then: AfterUnknown,
+    /// With [`AfterUnknown::Refuse`], how long the record keeps refusing after it became
+    /// unknown, seconds (the route's completed-record TTL).
+    pub ttl_s: u64,
+}
+
+/// What a record with an unknown outcome does once its hold time has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AfterUnknown {
+    /// The record is gone: the next retry executes the request again. Right for upstreams
+    /// that are idempotent themselves or cancel work when the connection closes.
+    Reexecute,
+    /// Retries get a final 409 ([`ClaimOutcome::Unknown`] with no retry time) until the
+    /// record expires after `ttl_s`: a person checks what happened and uses a new key.
+    Refuse,
+}
+
+impl AfterUnknown {
+    /// The name stored in the record and used in configuration (`reexecute`, `refuse`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reexecute => "reexecute",
+            Self::Refuse => "refuse",
+        }
+    }
 }
 
 /// The store's answer to a claim.
@@ -153,9 +215,26 @@ pub enum ClaimOutcome {
     },
     /// Another request with this key holds the lock now (IETF draft section 2.7: 409).
     InFlight {
-        /// Remaining lock time in milliseconds; the filter turns it into `Retry-After`.
+        /// Remaining lock time in milliseconds: the latest the answer can be ready.
         retry_after_ms: u64,
+        /// How long ago the lock was taken, milliseconds (Redis clock); with the route's
+        /// usual latency the filter estimates when the answer will be ready.
+        #[serde(default)]
+        age_ms: u64,
     },
+    /// The first execution's outcome is unknown (see [`UnknownOutcomePolicy`]): 409 of its
+    /// own type, never an execution.
+    Unknown {
+        /// While the outcome is held: milliseconds until the hold ends (a retry then
+        /// replays a late-stored response, executes under [`AfterUnknown::Reexecute`], or
+        /// gets the final refusal). `None` once held out under [`AfterUnknown::Refuse`]:
+        /// the answer will not change until the record expires.
+        retry_after_ms: Option<u64>,
+    },
+    /// This claim's own fencing token was already released: its client left before the
+    /// claim answered and the filter gave the key up. Nothing was written; nobody waits
+    /// for this answer.
+    Released,
     /// A completed record with the same fingerprint: replay this response.
     Replay {
         /// The stored response.
@@ -187,13 +266,20 @@ pub struct CompleteRequest {
     pub response: Option<StoredResponse>,
     /// How long the completed record lives, in seconds.
     pub ttl_s: u64,
+    /// The request may have reached the upstream but its response is unknown (the client
+    /// reset the stream, Envoy timed out or reset the upstream request). `response` must
+    /// be `None`. With the claim's [`UnknownOutcomePolicy`] the record becomes unknown;
+    /// without one it is completed as not replayable.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outcome_unknown: bool,
 }
 
 /// The store's answer to a complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
 pub enum CompleteOutcome {
-    /// The response is stored; retries replay it.
+    /// The response is stored; retries replay it. A `complete` retried with the same
+    /// token after its reply was lost answers this again.
     Completed,
     /// The fencing token is no longer current (the lock expired and maybe another request
     /// claimed the key, or an operator released it). Nothing was written.
@@ -216,7 +302,8 @@ pub struct ReleaseRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ReleaseOutcome {
-    /// The lock is gone; the next claim acquires.
+    /// The lock is gone; the next claim acquires. A release retried with the same token
+    /// after its reply was lost, or one that overtook its own claim, answers this too.
     Released,
     /// The fencing token is no longer current; nothing was deleted.
     LockLost,
@@ -298,6 +385,8 @@ mod tests {
             method: "POST".into(),
             path: "/v1/payments".into(),
             lock_ttl_ms: 60_000,
+            fencing_token: None,
+            unknown_outcome: None,
         };
         let json = serde_json::to_value(&req).unwrap_or_default();
         assert_eq!(json["record"]["key"], "k-1");

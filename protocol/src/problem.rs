@@ -26,6 +26,17 @@ pub enum ProblemType {
     /// 409: the key completed but its response was too large to store, so it cannot be
     /// replayed and will not execute again.
     NotReplayable,
+    /// 409: the first execution's outcome is unknown (its client or Envoy gave up after the
+    /// request reached the upstream, or its lock expired with nothing stored). Comes with
+    /// `Retry-After`: once the hold ends, the retry replays a late-stored response,
+    /// executes (`reexecute`) or gets [`ProblemType::OutcomeUnknownRefused`].
+    OutcomeUnknown,
+    /// 409, final: the outcome is unknown and the route refuses to execute the key again
+    /// until the record expires. No `Retry-After`: check the result, then use a new key.
+    OutcomeUnknownRefused,
+    /// 504: the upstream call that ran detached from the client failed or timed out after
+    /// the request may have reached the upstream: the outcome is unknown.
+    UpstreamOutcomeUnknown,
     /// 413: the request body exceeds the route's cap, so it cannot be fingerprinted.
     RequestTooLarge,
     /// 422: the key was used before with a different request (IETF draft section 2.7).
@@ -48,12 +59,15 @@ pub enum ProblemType {
 
 impl ProblemType {
     /// Every variant, for documentation and tests.
-    pub const ALL: [ProblemType; 14] = [
+    pub const ALL: [ProblemType; 17] = [
         Self::KeyMissing,
         Self::KeyMalformed,
         Self::ScopeMissing,
         Self::InFlight,
         Self::NotReplayable,
+        Self::OutcomeUnknown,
+        Self::OutcomeUnknownRefused,
+        Self::UpstreamOutcomeUnknown,
         Self::RequestTooLarge,
         Self::KeyReused,
         Self::StoreUnavailable,
@@ -73,6 +87,9 @@ impl ProblemType {
             Self::ScopeMissing => "urn:idemgate:problem:scope-missing",
             Self::InFlight => "urn:idemgate:problem:in-flight",
             Self::NotReplayable => "urn:idemgate:problem:not-replayable",
+            Self::OutcomeUnknown => "urn:idemgate:problem:outcome-unknown",
+            Self::OutcomeUnknownRefused => "urn:idemgate:problem:outcome-unknown-refused",
+            Self::UpstreamOutcomeUnknown => "urn:idemgate:problem:upstream-outcome-unknown",
             Self::RequestTooLarge => "urn:idemgate:problem:request-too-large",
             Self::KeyReused => "urn:idemgate:problem:key-reused",
             Self::StoreUnavailable => "urn:idemgate:problem:store-unavailable",
@@ -91,7 +108,12 @@ impl ProblemType {
             Self::KeyMissing | Self::KeyMalformed | Self::BadStoreCall | Self::BadRequest => 400,
             Self::ScopeMissing | Self::Unauthorized => 401,
             Self::NotFound => 404,
-            Self::InFlight | Self::NotReplayable | Self::ConfirmationMismatch => 409,
+            Self::InFlight
+            | Self::NotReplayable
+            | Self::OutcomeUnknown
+            | Self::OutcomeUnknownRefused
+            | Self::ConfirmationMismatch => 409,
+            Self::UpstreamOutcomeUnknown => 504,
             Self::RequestTooLarge => 413,
             Self::KeyReused => 422,
             Self::Internal => 500,
@@ -107,6 +129,13 @@ impl ProblemType {
             Self::ScopeMissing => "The request has no idempotency scope",
             Self::InFlight => "A request with this Idempotency-Key is in progress",
             Self::NotReplayable => "The original response cannot be replayed",
+            Self::OutcomeUnknown => "The outcome of the first request is not known yet",
+            Self::OutcomeUnknownRefused => {
+                "The outcome of the first request is unknown; it will not be executed again"
+            }
+            Self::UpstreamOutcomeUnknown => {
+                "The upstream did not answer; the outcome of the request is unknown"
+            }
             Self::RequestTooLarge => "The request body is too large for idempotency",
             Self::KeyReused => "Idempotency-Key was used with a different request",
             Self::StoreUnavailable => "The idempotency store is unavailable",

@@ -202,8 +202,9 @@ pub async fn key_purge(
     ))
 }
 
-/// `POST /api/keys/{scope}/{key}/release`: deletes the record only while in flight (the
-/// holder's late `complete` then gets `lock_lost`); event `lock_released`.
+/// `POST /api/keys/{scope}/{key}/release`: deletes the record only while in flight or
+/// while its outcome is unknown (the holder's late `complete` then gets `lock_lost`, and
+/// the next retry executes); event `lock_released`.
 pub async fn key_release(
     State(state): State<Arc<AppState>>,
     Extension(Actor(actor)): Extension<Actor>,
@@ -211,7 +212,7 @@ pub async fn key_release(
 ) -> Result<Json<PurgeOutcome>, AppError> {
     let id = record_id(scope, key)?;
     let release = keys::DeleteRule {
-        only_state: Some(IN_FLIGHT),
+        only_state: Some(RELEASABLE),
         ..keys::DeleteRule::default()
     };
     Ok(Json(
@@ -221,6 +222,8 @@ pub async fn key_release(
 
 /// The record state a purge never deletes (see [`keys::DeleteRule::skip_state`]).
 const IN_FLIGHT: &str = "in_flight";
+/// The record states a lock release deletes: a stuck lock, or an unknown outcome.
+const RELEASABLE: &str = "in_flight,unknown";
 
 /// The filter a confirmation token is bound to (stored as this JSON, then a newline and
 /// the dry run's time in milliseconds).

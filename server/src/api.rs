@@ -14,6 +14,10 @@
 //! - `record`: [`idemgate_protocol::RecordId::validate`].
 //! - `fingerprint`: 64 lowercase hex digits (a SHA-256, see `idemgate_protocol::fingerprint`).
 //! - `lock_ttl_ms`: 1..=[`MAX_LOCK_TTL_MS`].
+//! - `fencing_token` (claim, optional): 32 lowercase hex digits.
+//! - `unknown_outcome` (claim, optional): `hold_s` 1..=[`MAX_UNKNOWN_HOLD_S`], `ttl_s`
+//!   1..=[`MAX_TTL_S`].
+//! - `outcome_unknown` (complete): only with `response` null.
 //! - `ttl_s`: 1..=[`MAX_TTL_S`].
 //! - `fencing_token`: 32 lowercase hex digits (the shape [`crate::store::new_fencing_token`]
 //!   issues).
@@ -30,7 +34,7 @@ use axum::Json;
 use idemgate_protocol::admin::{Event, EventKind, FilterReport, ReportKind};
 use idemgate_protocol::{
     is_lower_hex, ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId,
-    ReleaseOutcome, ReleaseRequest,
+    ReleaseOutcome, ReleaseRequest, MAX_UNKNOWN_HOLD_S,
 };
 use serde::de::DeserializeOwned;
 
@@ -86,6 +90,23 @@ fn validate_claim(req: &ClaimRequest) -> Result<(), AppError> {
             req.lock_ttl_ms
         )));
     }
+    if let Some(token) = &req.fencing_token {
+        check_token(token)?;
+    }
+    if let Some(p) = &req.unknown_outcome {
+        if !(1..=MAX_UNKNOWN_HOLD_S).contains(&p.hold_s) {
+            return Err(AppError::BadStoreCall(format!(
+                "unknown_outcome.hold_s must be 1..={MAX_UNKNOWN_HOLD_S}, got {}",
+                p.hold_s
+            )));
+        }
+        if !(1..=MAX_TTL_S).contains(&p.ttl_s) {
+            return Err(AppError::BadStoreCall(format!(
+                "unknown_outcome.ttl_s must be 1..={MAX_TTL_S}, got {}",
+                p.ttl_s
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -94,6 +115,11 @@ fn validate_complete(req: &CompleteRequest) -> Result<u64, AppError> {
     req.record.validate().map_err(AppError::BadStoreCall)?;
     check_token(&req.fencing_token)?;
     check_status(req.status, "status")?;
+    if req.outcome_unknown && req.response.is_some() {
+        return Err(AppError::BadStoreCall(
+            "outcome_unknown needs response null: an unknown outcome has no response".into(),
+        ));
+    }
     if let Some(resp) = &req.response {
         if resp.status != req.status {
             return Err(AppError::BadStoreCall(format!(
@@ -176,6 +202,8 @@ pub async fn claim(
         let (label, kind, status) = match o {
             ClaimOutcome::Acquired { .. } => ("acquired", EventKind::Claimed, None),
             ClaimOutcome::InFlight { .. } => ("in_flight", EventKind::InFlightConflict, None),
+            ClaimOutcome::Unknown { .. } => ("unknown", EventKind::OutcomeUnknown, None),
+            ClaimOutcome::Released => ("released", EventKind::LockLost, None),
             ClaimOutcome::Replay { response } => {
                 ("replay", EventKind::Replayed, Some(response.status))
             }
@@ -203,13 +231,21 @@ pub async fn complete(
     let store_call = state.store.complete(&req, ttl_ms);
     let (outcome, _) = run(&state, "complete", &req.record, store_call, |(o, route)| {
         let (label, kind) = match o {
+            CompleteOutcome::Completed if req.outcome_unknown => {
+                ("unknown", EventKind::OutcomeUnknown)
+            }
             CompleteOutcome::Completed => ("completed", EventKind::Completed),
             CompleteOutcome::LockLost => ("lock_lost", EventKind::LockLost),
         };
         let mut e = record_event(kind, &req.record, route.clone());
         e.status = Some(req.status);
-        if req.response.is_none() && *o == CompleteOutcome::Completed {
-            e.detail = Some("response not stored: not replayable".into());
+        if req.outcome_unknown && *o == CompleteOutcome::Completed {
+            e.detail = Some(format!(
+                "the request may have reached the upstream (status {}); its outcome is unknown",
+                req.status
+            ));
+        } else if req.response.is_none() && *o == CompleteOutcome::Completed {
+            e.detail = Some("response not stored: over the response body cap".into());
         }
         (label, e)
     })

@@ -68,7 +68,7 @@ pub enum KeysCommand {
 #[derive(Debug, Clone, Args)]
 pub struct ListArgs {
     /// `in_flight` or `completed`.
-    #[arg(long, value_parser = ["in_flight", "completed"])]
+    #[arg(long, value_parser = ["in_flight", "completed", "unknown"])]
     pub state: Option<String>,
     /// Route name.
     #[arg(long)]
@@ -249,6 +249,7 @@ fn state_name(s: KeyState) -> &'static str {
     match s {
         KeyState::InFlight => "in_flight",
         KeyState::Completed => "completed",
+        KeyState::Unknown => "unknown",
     }
 }
 

@@ -80,6 +80,10 @@ pub fn counters_of(e: &Event) -> Vec<(Counter, u64)> {
         }
         EventKind::Mismatch => vec![(Counter::Claims, 1), (Counter::Mismatches, 1)],
         EventKind::NotReplayable => vec![(Counter::Claims, 1)],
+        // A claim that met an unknown outcome has no status; the `complete` that recorded
+        // one carries the status the filter saw.
+        EventKind::OutcomeUnknown if e.status.is_none() => vec![(Counter::Claims, 1)],
+        EventKind::OutcomeUnknown => vec![(Counter::UnknownOutcomes, 1)],
         EventKind::Completed => vec![(Counter::Completions, 1)],
         EventKind::Released | EventKind::LockReleased => vec![(Counter::Releases, 1)],
         EventKind::Expired => vec![(Counter::Expirations, 1)],

@@ -121,14 +121,20 @@ fn num(v: &Option<String>) -> Option<u64> {
 
 fn summary_from(scope: &str, key: &str, f: &[Option<String>]) -> Option<KeySummary> {
     let get = |i: usize| f.get(i).cloned().flatten();
-    let state = match get(0)?.as_str() {
+    let mut state = match get(0)?.as_str() {
         "in_flight" => KeyState::InFlight,
         "completed" => KeyState::Completed,
+        "unknown" => KeyState::Unknown,
+        // `released` tombstones and anything else are not records.
         _ => return None,
     };
+    // A lock that expired with nothing stored is an unknown outcome (see `lua/claim.lua`).
+    if state == KeyState::InFlight && num(&get(9)).is_some_and(|until| until <= now_ms()) {
+        state = KeyState::Unknown;
+    }
     let expires = match state {
         KeyState::InFlight => num(&get(9)),
-        KeyState::Completed => num(&get(8)),
+        KeyState::Completed | KeyState::Unknown => num(&get(8)),
     };
     Some(KeySummary {
         scope: scope.to_owned(),
@@ -361,7 +367,7 @@ pub async fn detail(store: &Store, id: &RecordId) -> Result<KeyDetail, AppError>
     };
     Ok(KeyDetail {
         lock_expires_ms: match summary.state {
-            KeyState::InFlight => num(&text("lock_expires_ms")),
+            KeyState::InFlight | KeyState::Unknown => num(&text("lock_expires_ms")),
             KeyState::Completed => None,
         },
         fingerprint: text("fp").unwrap_or_default(),
@@ -410,7 +416,7 @@ pub struct Deleted {
 /// Conditions of [`delete`], all checked in one script on the record's key.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DeleteRule<'a> {
-    /// Delete only in this state (`in_flight` for a lock release).
+    /// Delete only in one of these states (comma-separated; `in_flight,unknown` for a lock release).
     pub only_state: Option<&'a str>,
     /// Delete only records of this route.
     pub only_route: Option<&'a str>,

@@ -46,6 +46,8 @@ pub enum Counter {
     Releases,
     /// `lock_lost`
     LockLost,
+    /// `unknown_outcomes`
+    UnknownOutcomes,
 }
 
 impl Counter {
@@ -65,13 +67,14 @@ impl Counter {
             Self::Completions => "completions",
             Self::Releases => "releases",
             Self::LockLost => "lock_lost",
+            Self::UnknownOutcomes => "unknown_outcomes",
         }
     }
 }
 
 impl Counter {
     /// Every counter.
-    pub const ALL: [Counter; 13] = [
+    pub const ALL: [Counter; 14] = [
         Self::Claims,
         Self::Executions,
         Self::Replays,
@@ -85,6 +88,7 @@ impl Counter {
         Self::Completions,
         Self::Releases,
         Self::LockLost,
+        Self::UnknownOutcomes,
     ];
 
     /// Its field of `c`.
@@ -103,6 +107,7 @@ impl Counter {
             Self::Completions => &mut c.completions,
             Self::Releases => &mut c.releases,
             Self::LockLost => &mut c.lock_lost,
+            Self::UnknownOutcomes => &mut c.unknown_outcomes,
         }
     }
 }

@@ -12,33 +12,41 @@
 //!
 //! | field | written by | meaning |
 //! |---|---|---|
-//! | `state` | claim, complete | `in_flight` or `completed` |
+//! | `state` | claim, complete, release | `in_flight`, `completed`, `unknown`, or `released` (a tombstone: `state` and `token` only) |
 //! | `token` | claim | the current fencing token (32 lowercase hex) |
 //! | `fp` | claim | request fingerprint (64 lowercase hex) |
 //! | `route`, `method`, `path` | claim | what the request was, for the admin side |
 //! | `created_ms`, `lock_expires_ms` | claim | Unix time in ms (Redis clock) |
+//! | `after`, `hold_ms`, `refuse_ttl_ms` | claim | the route's unknown-outcome policy (`reexecute`/`refuse`/empty) |
 //! | `status` | complete | upstream status code |
 //! | `headers` | complete | JSON array of `[name, value]` pairs, order and repeats kept |
 //! | `body` | complete | raw body bytes (binary-safe, not base64) |
 //! | `replayable` | complete | `1` or `0` |
 //! | `completed_ms`, `expires_ms` | complete | Unix time in ms (Redis clock) |
+//! | `unknown_until_ms` | complete (unknown) | end of the unknown outcome's hold, ms |
 //! | `replays`, `last_replay_ms` | complete (0), claim (replay) | replay count and last time |
 //!
-//! Every record has a TTL: the lock TTL while in flight, `ttl_s` once completed.
+//! Every record has a TTL: while in flight the lock TTL plus the unknown-outcome hold
+//! (`reexecute`) or the completed TTL (`refuse`), so an expired lock reads as an unknown
+//! outcome instead of vanishing; `ttl_s` once completed; the hold (or `ttl_s` under
+//! `refuse`) once unknown; [`RELEASE_TOMBSTONE_MS`] for a tombstone.
 //!
 //! # Fencing
 //!
-//! The fencing token fences by equality. When the lock TTL passes, the in-flight record
-//! vanishes; the next claim writes a fresh token, so the first holder's late `complete` or
-//! `release` finds another token (or no record) and is refused as `lock_lost`, writing
-//! nothing.
+//! The fencing token fences by equality, and the caller makes it (unique per request), so
+//! every store call is idempotent: a claim retried with its token recognises its own lock,
+//! a `complete` or `release` retried after a lost reply answers the same success. A late
+//! `complete` lands while the record still holds its token (also after the lock expired:
+//! the outcome becomes known again); once a retry re-acquired the key under another token,
+//! it is refused as `lock_lost` and writes nothing. A `release` leaves a tombstone, so a
+//! claim that it overtook (the client left before the claim answered) writes nothing.
 
 use std::sync::LazyLock;
 use std::time::Duration;
 
 use idemgate_protocol::{
-    ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId, ReleaseOutcome,
-    ReleaseRequest, StoredResponse,
+    AfterUnknown, ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId,
+    ReleaseOutcome, ReleaseRequest, StoredResponse,
 };
 use redis::{Script, Value};
 
@@ -193,13 +201,28 @@ impl Store {
         }
     }
 
-    /// Runs the claim script with a fresh fencing token. The request must be validated.
+    /// Runs the claim script with the caller's fencing token, or a fresh one when the
+    /// request has none. The request must be validated.
     ///
     /// # Errors
     /// [`StoreError`] when Redis cannot answer in time or answers something unexpected.
     pub async fn claim(&self, req: &ClaimRequest) -> Result<ClaimOutcome, StoreError> {
         let key = self.record_key(&req.record);
-        let token = new_fencing_token();
+        let (token, own_token) = match &req.fencing_token {
+            Some(t) => (t.clone(), true),
+            None => (new_fencing_token(), false),
+        };
+        let (after, hold_ms, refuse_ttl_ms) = match &req.unknown_outcome {
+            Some(p) => (
+                p.then.as_str(),
+                p.hold_s.saturating_mul(1000),
+                match p.then {
+                    AfterUnknown::Refuse => p.ttl_s.saturating_mul(1000),
+                    AfterUnknown::Reexecute => 0,
+                },
+            ),
+            None => ("", 0, 0),
+        };
         let mut conn = self.conn().await?;
         let mut invocation = CLAIM_SCRIPT.key(&key);
         invocation
@@ -208,7 +231,10 @@ impl Store {
             .arg(&req.route)
             .arg(&req.method)
             .arg(&req.path)
-            .arg(req.lock_ttl_ms);
+            .arg(req.lock_ttl_ms)
+            .arg(after)
+            .arg(hold_ms)
+            .arg(refuse_ttl_ms);
         let result = self
             .timed(async { invocation.invoke_async(&mut conn).await })
             .await;
@@ -216,7 +242,11 @@ impl Store {
             Ok(value) => parse_claim(value, token),
             Err(e) => {
                 // The script may have been sent and run later, or run with its answer lost.
-                self.undo_late_claim(req.record.clone(), token);
+                // A caller with its own token releases (or retries) it itself; a lock taken
+                // with a token only this server knew is undone here.
+                if !own_token {
+                    self.undo_late_claim(req.record.clone(), token);
+                }
                 Err(e)
             }
         }
@@ -225,8 +255,9 @@ impl Store {
     /// After a claim failed or timed out (the filter answered 503 or failed open), Redis
     /// may still run the script once it catches up (a stall rather than an outage), or may
     /// have run it with the answer lost. Such a lock has no holder and would block the key
-    /// for its whole lock TTL, so fenced releases follow at 0, 1, 2, 4, 8 and 16 s: each is
-    /// a no-op (`lock_lost`) unless exactly that orphaned lock exists. At most
+    /// for its whole lock TTL, so a fenced release follows (retried at 1, 2, 4, 8 and 16 s
+    /// while Redis fails): it releases exactly that orphaned lock, or leaves a tombstone
+    /// that makes the late claim write nothing. At most
     /// [`MAX_LATE_CLAIMS`] are watched at once.
     fn undo_late_claim(&self, record: RecordId, token: String) {
         let Ok(permit) = LATE_CLAIMS.clone().try_acquire_owned() else {
@@ -241,13 +272,17 @@ impl Store {
                 fencing_token: token,
                 status: None,
             };
+            // The first release that Redis runs leaves a tombstone: a claim that runs even
+            // later finds it and writes nothing.
             for delay_s in [0, 1, 2, 4, 8, 16] {
                 tokio::time::sleep(Duration::from_secs(delay_s)).await;
-                if let Ok((ReleaseOutcome::Released, _)) = store.release(&req).await {
-                    tracing::warn!(
-                        key = %req.record.key,
-                        "a claim that failed acquired the lock later; released it so the key is not blocked"
-                    );
+                if let Ok((ReleaseOutcome::Released, route)) = store.release(&req).await {
+                    if route.is_some_and(|r| !r.is_empty()) {
+                        tracing::warn!(
+                            key = %req.record.key,
+                            "a claim that failed acquired the lock later; released it so the key is not blocked"
+                        );
+                    }
                     return;
                 }
             }
@@ -275,6 +310,7 @@ impl Store {
             ),
             None => (Vec::new(), &[], 0),
         };
+        let unknown = u8::from(req.outcome_unknown);
         let mut conn = self.conn().await?;
         let mut invocation = COMPLETE_SCRIPT.key(&key);
         invocation
@@ -283,7 +319,8 @@ impl Store {
             .arg(headers_json)
             .arg(body)
             .arg(replayable)
-            .arg(ttl_ms);
+            .arg(ttl_ms)
+            .arg(unknown);
         let answer: Vec<String> = self
             .timed(async { invocation.invoke_async(&mut conn).await })
             .await?;
@@ -307,7 +344,7 @@ impl Store {
         let key = self.record_key(&req.record);
         let mut conn = self.conn().await?;
         let mut invocation = RELEASE_SCRIPT.key(&key);
-        invocation.arg(&req.fencing_token);
+        invocation.arg(&req.fencing_token).arg(RELEASE_TOMBSTONE_MS);
         let answer: Vec<String> = self
             .timed(async { invocation.invoke_async(&mut conn).await })
             .await?;
@@ -320,6 +357,11 @@ impl Store {
         Ok((outcome, route))
     }
 }
+
+/// Lifetime of a release tombstone, ms: longer than any store call can be delayed (the
+/// filter's store timeout is at most 60 s), so a claim overtaken by its own release always
+/// finds it.
+pub const RELEASE_TOMBSTONE_MS: u64 = 120_000;
 
 /// Most timed-out claims watched at once (see `Store::undo_late_claim`).
 pub const MAX_LATE_CLAIMS: usize = 1024;
@@ -382,9 +424,17 @@ fn parse_claim(value: Value, token: String) -> Result<ClaimOutcome, StoreError> 
         (b"acquired", []) => Ok(ClaimOutcome::Acquired {
             fencing_token: token,
         }),
-        (b"in_flight", [Value::Int(ms)]) => Ok(ClaimOutcome::InFlight {
+        (b"in_flight", [Value::Int(ms), Value::Int(age)]) => Ok(ClaimOutcome::InFlight {
             retry_after_ms: u64::try_from(*ms).unwrap_or(0),
+            age_ms: u64::try_from(*age).unwrap_or(0),
         }),
+        (b"unknown", [Value::Int(ms)]) => Ok(ClaimOutcome::Unknown {
+            retry_after_ms: Some(u64::try_from(*ms).unwrap_or(0)),
+        }),
+        (b"unknown_final", []) => Ok(ClaimOutcome::Unknown {
+            retry_after_ms: None,
+        }),
+        (b"released", []) => Ok(ClaimOutcome::Released),
         (b"mismatch", []) => Ok(ClaimOutcome::Mismatch),
         (b"not_replayable", [Value::Int(status)]) => Ok(ClaimOutcome::NotReplayable {
             status: status_from(*status)?,

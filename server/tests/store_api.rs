@@ -280,12 +280,13 @@ async fn release_lets_the_next_claim_acquire_and_stale_release_is_refused() {
     let r = post(&app, "/v1/release", &release_body(&s, "r", &first)).await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json(), json!({"outcome": "released"}));
-    let exists: bool = redis.conn().exists(record_key(&s, "r")).unwrap();
-    assert!(!exists);
+    // The record is gone; a short-lived tombstone of the token is left.
+    let state: String = redis.conn().hget(record_key(&s, "r"), "state").unwrap();
+    assert_eq!(state, "released");
 
-    // Releasing again (stale token, no record) is refused.
+    // Releasing again with the same token (a retry whose reply was lost) answers the same.
     let r = post(&app, "/v1/release", &release_body(&s, "r", &first)).await;
-    assert_eq!(r.json(), json!({"outcome": "lock_lost"}));
+    assert_eq!(r.json(), json!({"outcome": "released"}));
 
     let second = acquire(&app, &s, "r", &fp("r"), 60_000).await;
     assert_ne!(first, second);
@@ -711,4 +712,169 @@ async fn body_over_16_mib_is_a_400_problem() {
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
     assert_eq!(r.content_type(), "application/problem+json");
     assert_eq!(r.json()["type"], "urn:idemgate:problem:bad-store-call");
+}
+
+fn claim_with(key: &str, token: &str, fingerprint: &str, lock_ttl_ms: u64, policy: Value) -> Value {
+    let mut body = claim_body(&scope("erin"), key, fingerprint, lock_ttl_ms);
+    body["fencing_token"] = json!(token);
+    if !policy.is_null() {
+        body["unknown_outcome"] = policy;
+    }
+    body
+}
+
+fn tok(n: u8) -> String {
+    format!("{n:032x}")
+}
+
+async fn claim_json(app: &axum::Router, body: &Value) -> Value {
+    let r = post(app, "/v1/claim", body).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    r.json()
+}
+
+#[tokio::test]
+async fn store_calls_with_the_callers_token_are_idempotent() {
+    let redis = RedisServer::start();
+    let (app, _) = apps(&redis.url());
+    let s = scope("erin");
+    let t1 = tok(1);
+    // A claim retried with its own token (its reply was lost) is acquired again.
+    for _ in 0..2 {
+        let v = claim_json(&app, &claim_with("i-1", &t1, &fp("a"), 60_000, Value::Null)).await;
+        assert_eq!(v, json!({"outcome": "acquired", "fencing_token": t1}));
+    }
+    // Another request gets in_flight with the lock's age.
+    let v = claim_json(
+        &app,
+        &claim_with("i-1", &tok(2), &fp("a"), 60_000, Value::Null),
+    )
+    .await;
+    assert_eq!(v["outcome"], "in_flight");
+    assert!(v["age_ms"].as_u64().unwrap() < 5_000, "{v}");
+    // A complete retried after a lost reply answers completed again and changes nothing.
+    let body = complete_body(&s, "i-1", &t1, 201, Some(&stored(201, &[], b"one")), 60);
+    for _ in 0..2 {
+        let r = post(&app, "/v1/complete", &body).await;
+        assert_eq!(r.json(), json!({"outcome": "completed"}));
+    }
+    let v = claim_json(
+        &app,
+        &claim_with("i-1", &tok(3), &fp("a"), 60_000, Value::Null),
+    )
+    .await;
+    assert_eq!(v["outcome"], "replay");
+
+    // A release that overtook its own claim: the late claim writes nothing.
+    let t4 = tok(4);
+    let r = post(&app, "/v1/release", &release_body(&s, "i-2", &t4)).await;
+    assert_eq!(r.json(), json!({"outcome": "released"}));
+    let v = claim_json(&app, &claim_with("i-2", &t4, &fp("b"), 60_000, Value::Null)).await;
+    assert_eq!(v, json!({"outcome": "released"}));
+    // Anyone else's claim treats the tombstone as absent.
+    let v = claim_json(
+        &app,
+        &claim_with("i-2", &tok(5), &fp("b"), 60_000, Value::Null),
+    )
+    .await;
+    assert_eq!(v["outcome"], "acquired");
+}
+
+#[tokio::test]
+async fn unknown_outcomes_are_held_then_reexecuted_or_refused() {
+    let redis = RedisServer::start();
+    let (app, _) = apps(&redis.url());
+    let s = scope("erin");
+    let reexecute = json!({"hold_s": 1, "then": "reexecute", "ttl_s": 30});
+    let refuse = json!({"hold_s": 1, "then": "refuse", "ttl_s": 30});
+    for (key, policy) in [("u-re", &reexecute), ("u-ref", &refuse)] {
+        let t = tok(10);
+        claim_json(&app, &claim_with(key, &t, &fp(key), 60_000, policy.clone())).await;
+        let mut body = complete_body(&s, key, &t, 499, None, 30);
+        body["outcome_unknown"] = json!(true);
+        let r = post(&app, "/v1/complete", &body).await;
+        assert_eq!(r.json(), json!({"outcome": "completed"}));
+        let state: String = redis.conn().hget(record_key(&s, key), "state").unwrap();
+        assert_eq!(state, "unknown");
+        let v = claim_json(
+            &app,
+            &claim_with(key, &tok(11), &fp(key), 60_000, policy.clone()),
+        )
+        .await;
+        assert_eq!(v["outcome"], "unknown", "{v}");
+        let ms = v["retry_after_ms"].as_u64().unwrap();
+        assert!(ms > 0 && ms <= 1_000, "{v}");
+        // A different request with the key is still a mismatch.
+        let v = claim_json(
+            &app,
+            &claim_with(key, &tok(12), &fp("x"), 60_000, policy.clone()),
+        )
+        .await;
+        assert_eq!(v["outcome"], "mismatch");
+    }
+    tokio::time::sleep(Duration::from_millis(1_150)).await;
+    let v = claim_json(
+        &app,
+        &claim_with("u-re", &tok(13), &fp("u-re"), 60_000, reexecute),
+    )
+    .await;
+    assert_eq!(v["outcome"], "acquired", "reexecute: the hold is over");
+    let v = claim_json(
+        &app,
+        &claim_with("u-ref", &tok(14), &fp("u-ref"), 60_000, refuse),
+    )
+    .await;
+    assert_eq!(
+        v,
+        json!({"outcome": "unknown", "retry_after_ms": null}),
+        "refuse: final"
+    );
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(record_key(&s, "u-ref"))
+        .query(&mut redis.conn())
+        .unwrap();
+    assert!(
+        pttl > 25_000 && pttl <= 30_000,
+        "refused until ttl_s: {pttl}"
+    );
+
+    // An unknown outcome with a response is a bad call.
+    let mut body = complete_body(&s, "u-x", &tok(15), 200, Some(&stored(200, &[], b"")), 30);
+    body["outcome_unknown"] = json!(true);
+    assert_eq!(
+        post(&app, "/v1/complete", &body).await.status,
+        StatusCode::BAD_REQUEST
+    );
+    let bad = claim_with("u-x", "not-hex", &fp("u-x"), 60_000, Value::Null);
+    assert_eq!(
+        post(&app, "/v1/claim", &bad).await.status,
+        StatusCode::BAD_REQUEST
+    );
+}
+
+#[tokio::test]
+async fn an_expired_lock_is_an_unknown_outcome_until_the_late_answer_lands() {
+    let redis = RedisServer::start();
+    let (app, _) = apps(&redis.url());
+    let s = scope("erin");
+    let policy = json!({"hold_s": 5, "then": "refuse", "ttl_s": 60});
+    let t = tok(20);
+    claim_json(&app, &claim_with("late", &t, &fp("l"), 300, policy.clone())).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The lock expired with nothing stored: not re-executable, not in flight.
+    let v = claim_json(
+        &app,
+        &claim_with("late", &tok(21), &fp("l"), 300, policy.clone()),
+    )
+    .await;
+    assert_eq!(v["outcome"], "unknown", "{v}");
+    // The first execution's late answer still lands (its token is still current)...
+    let body = complete_body(&s, "late", &t, 201, Some(&stored(201, &[], b"late")), 60);
+    assert_eq!(
+        post(&app, "/v1/complete", &body).await.json(),
+        json!({"outcome": "completed"})
+    );
+    // ...and the retry replays it.
+    let v = claim_json(&app, &claim_with("late", &tok(22), &fp("l"), 300, policy)).await;
+    assert_eq!(v["outcome"], "replay", "{v}");
 }

@@ -1,7 +1,8 @@
 -- admin_delete: an operator deletes one record, optionally only in a given state or route.
 --
 -- KEYS[1]  the record hash, "{prefix}:rec:{scope}:{key}" (built by the server)
--- ARGV[1]  only_state         '' for any state, else e.g. 'in_flight' (release a stuck lock)
+-- ARGV[1]  only_states        '' for any state, else a comma-separated list, e.g.
+--                             'in_flight,unknown' (release a stuck lock or an unknown outcome)
 -- ARGV[2]  only_route         '' for any route, else the route name (bulk purge by route)
 -- ARGV[3]  skip_state         '' for none, else a state left alone: purges skip 'in_flight'
 --                             records (the upstream may still be executing them; deleting
@@ -18,7 +19,7 @@ local rec = redis.call('HMGET', KEYS[1], 'state', 'route', 'created_ms')
 local state = rec[1] or ''
 local route = rec[2] or ''
 local created_ms = tonumber(rec[3] or '') or 0
-if ARGV[1] ~= '' and state ~= ARGV[1] then
+if ARGV[1] ~= '' and not string.find(',' .. ARGV[1] .. ',', ',' .. state .. ',', 1, true) then
   return {0, state, route}
 end
 if ARGV[2] ~= '' and route ~= ARGV[2] then

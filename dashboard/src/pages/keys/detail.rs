@@ -93,7 +93,7 @@ pub fn KeyDetailPage() -> impl IntoView {
             scope.get()
         ),
         Action::Release => format!(
-            "Release the in-flight lock of key \"{}\" (scope {})? A retry executes again even if the first request is still running upstream.",
+            "Release the in-flight lock or unknown outcome of key \"{}\" (scope {})? A retry executes again even if the first request is still running upstream or already took effect.",
             key.get(),
             scope.get()
         ),
@@ -187,6 +187,9 @@ fn DetailView(
     let now = use_now();
     let s = d.summary.clone();
     let in_flight = s.state == KeyState::InFlight;
+    let unknown = s.state == KeyState::Unknown;
+    // A stuck lock and an unknown outcome are released, never purged by accident.
+    let releasable = in_flight || unknown;
     let expires = s.expires_ms;
     let status = s
         .status
@@ -204,10 +207,10 @@ fn DetailView(
                 <div class="actions">
                     // An in-flight key is never purged (the server refuses: its request may
                     // still run upstream); Release lock is the deliberate stuck-lock tool.
-                    {in_flight.then(|| view! {
-                        <button id="release" class="btn warn" disabled=move || busy.get() on:click=move |_| ask(Action::Release)>"Release lock"</button>
+                    {releasable.then(|| view! {
+                        <button id="release" class="btn warn" disabled=move || busy.get() on:click=move |_| ask(Action::Release)>{if unknown { "Release key" } else { "Release lock" }}</button>
                     })}
-                    {(!in_flight).then(|| view! {
+                    {(!releasable).then(|| view! {
                         <button id="purge" class="btn danger" disabled=move || busy.get() on:click=move |_| ask(Action::Purge)>"Purge"</button>
                     })}
                 </div>
@@ -220,6 +223,8 @@ fn DetailView(
                 <dt>"Status"</dt><dd id="detail-status">{status}</dd>
                 <dt>"Replayable"</dt><dd>{if in_flight {
                     "– (decided when the response is stored)"
+                } else if unknown {
+                    "no (outcome unknown: the request may have reached the upstream, nothing was stored)"
                 } else if s.replayable {
                     "yes"
                 } else {
