@@ -50,6 +50,13 @@ pub const GATEWAY_TIMEOUT: u16 = 504;
 pub const DEFAULT_USUAL_LATENCY_MS: u64 = 1_000;
 /// Envoy attribute naming the cluster of the route the request matched.
 const ROUTE_CLUSTER: [&str; 2] = ["xds", "cluster_name"];
+/// First delay before retrying a failed `complete`/`release`, ms; doubled per retry.
+pub const RETRY_FIRST_DELAY_MS: u64 = 100;
+/// Longest delay between two retries of a `complete`/`release`, ms.
+pub const RETRY_MAX_DELAY_MS: u64 = 2_000;
+/// Tries of a claim when no store server answered (the second goes to another server of
+/// the store cluster), within the store timeout.
+pub const CLAIM_TRIES: u32 = 2;
 /// `Retry-After` on 503 when the store cannot answer, seconds.
 pub const STORE_UNAVAILABLE_RETRY_AFTER_S: u64 = 1;
 
@@ -71,6 +78,17 @@ struct Pending {
     fingerprint: Fingerprint,
     /// Detached routes only: the request headers to send upstream.
     headers: Vec<(String, String)>,
+}
+
+/// A claim that is out (the parts of [`Phase::Claiming`] its answer needs).
+struct PendingClaim {
+    route: Rc<Route>,
+    record: RecordId,
+    fencing_token: String,
+    upstream: Option<UpstreamCall>,
+    call: StoreCall,
+    tries: u32,
+    first_sent_ms: u64,
 }
 
 /// A request that holds the lock and went upstream.
@@ -207,6 +225,11 @@ enum Phase {
         fencing_token: String,
         /// Detached routes: the upstream call to make once the claim is acquired.
         upstream: Option<UpstreamCall>,
+        /// The claim call, kept for a retry on another store server.
+        call: StoreCall,
+        /// Tries so far, and when the first was sent (Unix ms).
+        tries: u32,
+        first_sent_ms: u64,
     },
     /// Detached: acquired, waiting for the root context to dispatch the upstream call.
     Detaching {
@@ -221,16 +244,22 @@ enum Phase {
     /// Detached: the outcome is being recorded; the client gets `answer` afterwards.
     Delivering {
         token: u32,
+        call: StoreCall,
         kind: FinishKind,
         record: RecordId,
+        deadline_ms: u64,
         answer: Answer,
     },
     Forwarded(Forwarded),
     Capturing(Capture),
     Finishing {
         token: u32,
+        /// The call, kept for a retry.
+        call: StoreCall,
         kind: FinishKind,
         record: RecordId,
+        /// Until when the call is worth retrying (the lock's end), Unix ms.
+        deadline_ms: u64,
         /// Whether the response is held until the store answers.
         paused: bool,
     },
@@ -252,6 +281,26 @@ pub struct Exchange {
     client_gone: bool,
     /// The glue should call [`Exchange::on_root_turn`] from the root context.
     wants_root_turn: bool,
+    /// A `complete`/`release` being retried from the root context (independent of the
+    /// stream's phase: the client already has its answer).
+    retry: Option<RetryJob>,
+    /// The glue should give this exchange root ticks ([`Exchange::on_tick`]).
+    wants_timer: bool,
+}
+
+/// A `complete` or `release` whose store call failed, retried with backoff from the root
+/// context until it lands or the lock's end passes.
+struct RetryJob {
+    call: StoreCall,
+    kind: FinishKind,
+    record: RecordId,
+    /// Retries dispatched so far.
+    attempt: u32,
+    deadline_ms: u64,
+    /// When to dispatch next (Unix ms); meaningful while `token` is `None`.
+    due_ms: u64,
+    /// The retry in flight.
+    token: Option<u32>,
 }
 
 impl Exchange {
@@ -263,7 +312,67 @@ impl Exchange {
             phase: Phase::Start,
             client_gone: false,
             wants_root_turn: false,
+            retry: None,
+            wants_timer: false,
         }
+    }
+
+    /// Whether the glue must give this exchange root ticks ([`Exchange::on_tick`]); reading
+    /// it clears it.
+    pub fn take_timer_request(&mut self) -> bool {
+        std::mem::take(&mut self.wants_timer)
+    }
+
+    /// Whether a retry waits for its time (the glue keeps ticking this exchange).
+    pub fn waits_for_timer(&self) -> bool {
+        self.retry.as_ref().is_some_and(|j| j.token.is_none())
+    }
+
+    /// A root tick: dispatches a due `complete`/`release` retry (from the root context, so
+    /// its answer comes back through [`Exchange::awaiting_root_callout`]).
+    pub fn on_tick(&mut self, host: &dyn Host) {
+        let now = host.now_ms();
+        let Some(job) = self.retry.as_mut() else {
+            return;
+        };
+        if job.token.is_some() || now < job.due_ms {
+            return;
+        }
+        host.count(Metric::CompletionRetries, 1);
+        match host.dispatch(&job.call) {
+            Ok(token) => job.token = Some(token),
+            Err(reason) => {
+                if let Some(job) = self.retry.take() {
+                    host.log(
+                        Level::Warn,
+                        &format!("idemgate: {:?} retry not sent: {reason}", job.kind),
+                    );
+                    self.schedule_retry(host, job);
+                }
+            }
+        }
+    }
+
+    /// Puts `job` back to wait for its next try, or gives up once the lock's end is near.
+    fn schedule_retry(&mut self, host: &dyn Host, mut job: RetryJob) {
+        let now = host.now_ms();
+        let delay_ms = (RETRY_FIRST_DELAY_MS << job.attempt.min(8)).min(RETRY_MAX_DELAY_MS);
+        if now.saturating_add(delay_ms) >= job.deadline_ms {
+            host.count(Metric::CompletionAbandoned, 1);
+            host.log(
+                Level::Warn,
+                &format!(
+                    "idemgate: {:?} for key {:?} abandoned after {} retries: the lock has ended; the outcome reads as unknown",
+                    job.kind, job.record.key, job.attempt
+                ),
+            );
+            return;
+        }
+        job.attempt += 1;
+        job.due_ms = now + delay_ms;
+        job.token = None;
+        self.retry = Some(job);
+        self.wants_timer = true;
     }
 
     /// Whether the glue must give this exchange a root turn ([`Exchange::on_root_turn`]);
@@ -277,16 +386,17 @@ impl Exchange {
     pub fn awaiting_root_callout(&self) -> Option<u32> {
         match self.phase {
             Phase::Executing { token, .. } | Phase::Delivering { token, .. } => Some(token),
-            _ => None,
+            _ => self.retry.as_ref().and_then(|j| j.token),
         }
     }
 
     /// Whether the exchange still has work (the root context drops it when not).
     pub fn is_active(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::Detaching { .. } | Phase::Executing { .. } | Phase::Delivering { .. }
-        )
+        self.retry.is_some()
+            || matches!(
+                self.phase,
+                Phase::Detaching { .. } | Phase::Executing { .. } | Phase::Delivering { .. }
+            )
     }
 
     /// `on_http_request_headers`.
@@ -453,6 +563,14 @@ impl Exchange {
 
     /// `on_http_call_response` for a store call.
     pub fn on_store_reply(&mut self, host: &dyn Host, token: u32, reply: StoreReply) {
+        if self.retry.as_ref().and_then(|j| j.token) == Some(token) {
+            if let Some(job) = self.retry.take() {
+                if self.on_finish_reply(host, job.kind, &job.record, &reply) {
+                    self.schedule_retry(host, job);
+                }
+            }
+            return;
+        }
         match std::mem::replace(&mut self.phase, Phase::Done) {
             Phase::Claiming {
                 route,
@@ -460,28 +578,50 @@ impl Exchange {
                 token: t,
                 fencing_token,
                 upstream,
+                call,
+                tries,
+                first_sent_ms,
             } if t == token => {
-                self.on_claim_reply(host, route, record, fencing_token, upstream, reply)
+                let claim = PendingClaim {
+                    route,
+                    record,
+                    fencing_token,
+                    upstream,
+                    call,
+                    tries,
+                    first_sent_ms,
+                };
+                self.on_claim_reply(host, claim, reply)
             }
             Phase::Executing { fwd, token: t } if t == token => {
                 self.on_upstream_reply(host, fwd, reply)
             }
             Phase::Delivering {
                 token: t,
+                call,
                 kind,
                 record,
+                deadline_ms,
                 answer,
             } if t == token => {
-                self.on_finish_reply(host, kind, &record, reply);
+                if self.on_finish_reply(host, kind, &record, &reply) {
+                    self.start_retry(host, call, kind, record, deadline_ms);
+                }
+                // The client gets its answer now; a retry lands in the background.
                 self.deliver(host, answer);
             }
             Phase::Finishing {
                 token: t,
+                call,
                 kind,
                 record,
+                deadline_ms,
                 paused,
             } if t == token => {
-                self.on_finish_reply(host, kind, &record, reply);
+                if self.on_finish_reply(host, kind, &record, &reply) {
+                    self.start_retry(host, call, kind, record, deadline_ms);
+                }
+                self.phase = Phase::Done;
                 if paused {
                     host.resume_response();
                 }
@@ -692,7 +832,7 @@ impl Exchange {
                     ),
                 );
                 let call = release_call(&record, fencing_token, None);
-                if let Err(reason) = host.dispatch(call) {
+                if let Err(reason) = host.dispatch(&call) {
                     host.log(
                         Level::Warn,
                         &format!("idemgate: early release not sent: {reason}"),
@@ -867,18 +1007,22 @@ impl Exchange {
         outcome: Outcome,
         answer: Answer,
     ) {
-        let record = fwd.record.clone();
-        match send_outcome(host, &fwd, status, outcome) {
-            Ok((token, kind)) => {
+        let (call, kind) = outcome_call(&fwd, status, outcome);
+        let deadline_ms = fwd.started_ms.saturating_add(fwd.route.lock_ttl_ms);
+        match host.dispatch(&call) {
+            Ok(token) => {
                 self.phase = Phase::Delivering {
                     token,
+                    call,
                     kind,
-                    record,
+                    record: fwd.record,
+                    deadline_ms,
                     answer,
                 };
             }
             Err(reason) => {
-                self.store_call_not_sent(host, &fwd, &reason);
+                self.store_call_not_sent(host, &fwd, &format!("{kind:?}: {reason}"));
+                self.start_retry(host, call, kind, fwd.record.clone(), deadline_ms);
                 self.deliver(host, answer);
             }
         }
@@ -951,7 +1095,7 @@ impl Exchange {
             body: to_json(&report),
             detached: true,
         };
-        if let Err(reason) = host.dispatch(call) {
+        if let Err(reason) = host.dispatch(&call) {
             host.log(
                 Level::Debug,
                 &format!("idemgate: report not sent: {reason}"),
@@ -990,7 +1134,7 @@ impl Exchange {
             detached: false,
         };
         let record = request.record;
-        match host.dispatch(call) {
+        match host.dispatch(&call) {
             Ok(token) => {
                 self.phase = Phase::Claiming {
                     route,
@@ -998,6 +1142,9 @@ impl Exchange {
                     token,
                     fencing_token,
                     upstream,
+                    call,
+                    tries: 1,
+                    first_sent_ms: host.now_ms(),
                 };
                 Flow::Pause
             }
@@ -1010,15 +1157,40 @@ impl Exchange {
         }
     }
 
-    fn on_claim_reply(
-        &mut self,
-        host: &dyn Host,
-        route: Rc<Route>,
-        record: RecordId,
-        fencing_token: String,
-        upstream: Option<UpstreamCall>,
-        reply: StoreReply,
-    ) {
+    fn on_claim_reply(&mut self, host: &dyn Host, claim: PendingClaim, reply: StoreReply) {
+        // No store server answered (connection failure, or Envoy's own 503: a server's
+        // answer is problem JSON): try once more, same fencing token, so another server
+        // of the cluster takes it; a claim that did run answers `acquired` again.
+        let unanswered = reply
+            .status
+            .is_none_or(|s| s >= 500 && serde_json::from_slice::<Problem>(&reply.body).is_err());
+        let timeout_ms = self.config.as_ref().map_or(0, |c| c.store.timeout_ms);
+        if unanswered
+            && claim.tries < CLAIM_TRIES
+            && host.now_ms().saturating_sub(claim.first_sent_ms) < timeout_ms
+        {
+            host.count(Metric::ClaimRetries, 1);
+            if let Ok(token) = host.dispatch(&claim.call) {
+                self.phase = Phase::Claiming {
+                    token,
+                    tries: claim.tries + 1,
+                    route: claim.route,
+                    record: claim.record,
+                    fencing_token: claim.fencing_token,
+                    upstream: claim.upstream,
+                    call: claim.call,
+                    first_sent_ms: claim.first_sent_ms,
+                };
+                return;
+            }
+        }
+        let PendingClaim {
+            route,
+            record,
+            fencing_token,
+            upstream,
+            ..
+        } = claim;
         let outcome = match decode::<ClaimOutcome>(&reply) {
             Ok(ClaimOutcome::Released) => Err("the claim ran after its own release".to_owned()),
             Ok(o) => Ok(o),
@@ -1029,7 +1201,7 @@ impl Exchange {
             Err(reason) => {
                 // The claim may have run with its answer lost: give its lock back (a
                 // tombstone makes a claim that runs even later write nothing).
-                let _ = host.dispatch(release_call(&record, fencing_token, None));
+                let _ = host.dispatch(&release_call(&record, fencing_token, None));
                 let failed = format!("claim failed: {reason}");
                 if self.store_failed(host, &route, &record, &failed) == Flow::Continue {
                     host.resume_request();
@@ -1239,12 +1411,16 @@ impl Exchange {
             Disposition::ByStatus | Disposition::Release => Outcome::Release,
             Disposition::Unknown => Outcome::Unknown,
         };
-        match send_outcome(host, &fwd, status, outcome) {
-            Ok((token, kind)) => {
+        let (call, kind) = outcome_call(&fwd, status, outcome);
+        let deadline_ms = fwd.started_ms.saturating_add(fwd.route.lock_ttl_ms);
+        match host.dispatch(&call) {
+            Ok(token) => {
                 self.phase = Phase::Finishing {
                     token,
+                    call,
                     kind,
                     record: fwd.record,
+                    deadline_ms,
                     paused: hold,
                 };
                 if hold {
@@ -1254,7 +1430,8 @@ impl Exchange {
                 }
             }
             Err(reason) => {
-                self.store_call_not_sent(host, &fwd, &reason);
+                self.store_call_not_sent(host, &fwd, &format!("{kind:?}: {reason}"));
+                self.start_retry(host, call, kind, fwd.record, deadline_ms);
                 self.phase = Phase::Done;
                 Flow::Continue
             }
@@ -1265,7 +1442,7 @@ impl Exchange {
     fn store_call_not_sent(&self, host: &dyn Host, fwd: &Forwarded, reason: &str) {
         host.count(Metric::StoreErrors, 1);
         let detail = format!(
-            "recording the outcome failed ({reason}); the lock expires after {} ms",
+            "recording the outcome could not be dispatched ({reason}); retrying until the lock ends ({} ms after the claim)",
             fwd.route.lock_ttl_ms
         );
         host.log(
@@ -1284,19 +1461,21 @@ impl Exchange {
         );
     }
 
+    /// Counts and logs a `complete`/`release` answer; true when it failed in a way worth
+    /// retrying (no answer, or a 5xx: the store server or Redis was unavailable).
     fn on_finish_reply(
         &mut self,
         host: &dyn Host,
         kind: FinishKind,
         record: &RecordId,
-        reply: StoreReply,
-    ) {
+        reply: &StoreReply,
+    ) -> bool {
         let lost = match kind {
             FinishKind::Complete => {
-                decode::<CompleteOutcome>(&reply).map(|o| o == CompleteOutcome::LockLost)
+                decode::<CompleteOutcome>(reply).map(|o| o == CompleteOutcome::LockLost)
             }
             FinishKind::Release => {
-                decode::<ReleaseOutcome>(&reply).map(|o| o == ReleaseOutcome::LockLost)
+                decode::<ReleaseOutcome>(reply).map(|o| o == ReleaseOutcome::LockLost)
             }
         };
         match (lost, kind) {
@@ -1311,10 +1490,43 @@ impl Exchange {
             }
             (Err(reason), _) => {
                 host.count(Metric::StoreErrors, 1);
-                host.log(Level::Warn, &format!("idemgate: {kind:?} for key {:?} failed: {reason}; the lock expires by itself", record.key));
+                let retry = reply.status.is_none_or(|s| s >= 500);
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "idemgate: {kind:?} for key {:?} failed: {reason}; {}",
+                        record.key,
+                        if retry {
+                            "retrying until the lock ends"
+                        } else {
+                            "not retried"
+                        }
+                    ),
+                );
+                return retry;
             }
         }
-        self.phase = Phase::Done;
+        false
+    }
+
+    fn start_retry(
+        &mut self,
+        host: &dyn Host,
+        call: StoreCall,
+        kind: FinishKind,
+        record: RecordId,
+        deadline_ms: u64,
+    ) {
+        let job = RetryJob {
+            call,
+            kind,
+            record,
+            attempt: 0,
+            deadline_ms,
+            due_ms: 0,
+            token: None,
+        };
+        self.schedule_retry(host, job);
     }
 }
 
@@ -1328,28 +1540,19 @@ enum Outcome {
     Release,
 }
 
-/// Dispatches the store call that records `outcome` for `fwd` (detached: it outlives the
-/// stream). Returns its token and kind.
-fn send_outcome(
-    host: &dyn Host,
-    fwd: &Forwarded,
-    status: u16,
-    outcome: Outcome,
-) -> Result<(u32, FinishKind), String> {
-    let (kind, call) = match outcome {
+/// The store call that records `outcome` for `fwd` (detached: it outlives the stream).
+fn outcome_call(fwd: &Forwarded, status: u16, outcome: Outcome) -> (StoreCall, FinishKind) {
+    match outcome {
         Outcome::Release => (
-            FinishKind::Release,
             release_call(&fwd.record, fwd.fencing_token.clone(), Some(status)),
+            FinishKind::Release,
         ),
         Outcome::Store(response) => (
-            FinishKind::Complete,
             complete_call(fwd, status, response, false),
+            FinishKind::Complete,
         ),
-        Outcome::Unknown => (FinishKind::Complete, complete_call(fwd, status, None, true)),
-    };
-    host.dispatch(call)
-        .map(|token| (token, kind))
-        .map_err(|reason| format!("{kind:?} could not be dispatched: {reason}"))
+        Outcome::Unknown => (complete_call(fwd, status, None, true), FinishKind::Complete),
+    }
 }
 
 fn complete_call(

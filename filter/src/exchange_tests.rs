@@ -166,13 +166,15 @@ impl Host for FakeHost {
     fn property(&self, path: &[String]) -> Option<Vec<u8>> {
         self.properties.get(path).cloned()
     }
-    fn dispatch(&self, call: StoreCall) -> Result<u32, String> {
+    fn dispatch(&self, call: &StoreCall) -> Result<u32, String> {
         if self.refuse_dispatch {
             return Err("BadArgument".into());
         }
         let token = *self.next_token.borrow();
         *self.next_token.borrow_mut() += 1;
-        self.calls.borrow_mut().push((token, call.path, call.body));
+        self.calls
+            .borrow_mut()
+            .push((token, call.path, call.body.clone()));
         self.effects.borrow_mut().push(Effect::Dispatch {
             path: call.path,
             detached: call.detached,
@@ -263,6 +265,17 @@ fn claim_payment(x: &mut Exchange, host: &FakeHost) -> (u32, ClaimRequest) {
         "held while claiming"
     );
     host.last_call::<ClaimRequest>()
+}
+
+/// No store server answers the claim `token`, nor its one retry.
+fn claim_unanswered(x: &mut Exchange, host: &FakeHost, token: u32) {
+    x.on_store_reply(host, token, StoreReply::default());
+    let last = host.calls.borrow().last().map(|(t, p, _)| (*t, *p));
+    if let Some((retry, path)) = last {
+        if path == CLAIM_PATH && retry != token {
+            x.on_store_reply(host, retry, StoreReply::default());
+        }
+    }
 }
 
 /// A payment whose claim the store answered with `outcome`.
@@ -832,14 +845,7 @@ fn store_failures_follow_the_failure_mode() {
     let host = payment("k");
     let mut x = exchange();
     let (token, _) = claim_payment(&mut x, &host);
-    x.on_store_reply(
-        &host,
-        token,
-        StoreReply {
-            status: None,
-            ..StoreReply::default()
-        },
-    );
+    claim_unanswered(&mut x, &host, token);
     let (status, headers, body) = host.last_reply();
     assert_eq!(
         (status, body["type"].as_str()),
@@ -880,14 +886,7 @@ fn store_failures_follow_the_failure_mode() {
     let mut x = exchange();
     assert_eq!(x.on_request_headers(&host, true), Flow::Pause);
     let (token, _) = host.last_call::<ClaimRequest>();
-    x.on_store_reply(
-        &host,
-        token,
-        StoreReply {
-            status: None,
-            ..StoreReply::default()
-        },
-    );
+    claim_unanswered(&mut x, &host, token);
     assert_eq!(host.effects().last(), Some(&Effect::ResumeRequest));
     assert_eq!(host.count_of(Metric::FailOpenPasses), 1);
     assert_eq!(
@@ -1251,7 +1250,7 @@ fn a_failed_claim_gives_its_own_lock_back() {
     let host = payment("k");
     let mut x = exchange();
     let (token, claim) = claim_payment(&mut x, &host);
-    x.on_store_reply(&host, token, StoreReply::default());
+    claim_unanswered(&mut x, &host, token);
     let (_, release) = host.last_call::<ReleaseRequest>();
     assert_eq!(Some(release.fencing_token), claim.fencing_token);
     assert_eq!(host.last_reply().0, 503);
@@ -1299,4 +1298,110 @@ fn envoy_timeouts_in_router_mode_are_unknown_outcomes() {
     x.on_response_headers(&host, false);
     let (_, complete) = host.last_call::<CompleteRequest>();
     assert!(complete.outcome_unknown);
+}
+
+#[test]
+fn a_claim_no_server_answered_is_tried_once_more_with_the_same_token() {
+    let host = payment("k");
+    let mut x = exchange();
+    let (t1, first) = claim_payment(&mut x, &host);
+    // Envoy's own 503 (no server answered): retried.
+    x.on_store_reply(
+        &host,
+        t1,
+        StoreReply {
+            status: Some(503),
+            body: b"no healthy upstream".to_vec(),
+            ..StoreReply::default()
+        },
+    );
+    let (t2, second) = host.last_call::<ClaimRequest>();
+    assert_ne!(t1, t2);
+    assert_eq!(second, first, "the same claim, same fencing token");
+    assert_eq!(host.count_of(Metric::ClaimRetries), 1);
+    // The second failure applies the failure mode.
+    x.on_store_reply(&host, t2, StoreReply::default());
+    assert_eq!(host.last_reply().0, 503);
+    assert_eq!(host.count_of(Metric::ClaimRetries), 1);
+
+    // A problem from a server is an answer: not retried.
+    let mut x = exchange();
+    let (t, _) = claim_payment(&mut x, &host);
+    x.on_store_reply(
+        &host,
+        t,
+        StoreReply {
+            status: Some(503),
+            body: br#"{"type":"urn:idemgate:problem:store-unavailable","title":"t","status":503}"#
+                .to_vec(),
+            ..StoreReply::default()
+        },
+    );
+    assert_eq!(host.count_of(Metric::ClaimRetries), 1);
+}
+
+#[test]
+fn a_failed_complete_is_retried_from_root_ticks_while_the_response_goes_on() {
+    let host = payment("k");
+    let mut x = forwarded_payment(&host);
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
+    assert_eq!(x.on_response_headers(&host, true), Flow::Pause);
+    let (t1, call) = host.last_call::<CompleteRequest>();
+    x.on_store_reply(&host, t1, StoreReply::default());
+    assert_eq!(
+        host.effects().last(),
+        Some(&Effect::ResumeResponse),
+        "the client gets its answer"
+    );
+    assert!(x.take_timer_request());
+    assert!(x.waits_for_timer());
+    assert!(x.is_active(), "the root keeps it after the stream ends");
+    x.on_done(&host);
+    let calls = host.store_calls();
+    x.on_tick(&host);
+    assert_eq!(host.store_calls(), calls, "not yet due");
+    *host.now_ms.borrow_mut() += RETRY_FIRST_DELAY_MS;
+    x.on_tick(&host);
+    let (t2, again) = host.last_call::<CompleteRequest>();
+    assert_eq!(again, call, "the same complete, same token");
+    assert_eq!(x.awaiting_root_callout(), Some(t2));
+    // Still failing: the backoff doubles.
+    x.on_store_reply(
+        &host,
+        t2,
+        StoreReply {
+            status: Some(503),
+            ..StoreReply::default()
+        },
+    );
+    assert!(x.take_timer_request());
+    *host.now_ms.borrow_mut() += RETRY_FIRST_DELAY_MS;
+    x.on_tick(&host);
+    assert_eq!(host.store_calls(), calls + 1, "200 ms now");
+    *host.now_ms.borrow_mut() += RETRY_FIRST_DELAY_MS;
+    x.on_tick(&host);
+    let (t3, _) = host.last_call::<CompleteRequest>();
+    x.on_store_reply(&host, t3, ok(&CompleteOutcome::Completed));
+    assert!(!x.is_active());
+    assert_eq!(host.count_of(Metric::CompletionRetries), 2);
+    assert_eq!(host.count_of(Metric::Completed), 1);
+}
+
+#[test]
+fn a_complete_retry_stops_at_the_lock_end() {
+    let host = payment("k");
+    let mut x = forwarded_payment(&host);
+    *host.response_headers.borrow_mut() = vec![(":status".into(), "201".into())];
+    x.on_response_headers(&host, true);
+    let (t1, _) = host.last_call::<CompleteRequest>();
+    *host.now_ms.borrow_mut() += crate::config::DEFAULT_LOCK_TTL_MS;
+    x.on_store_reply(&host, t1, StoreReply::default());
+    assert!(!x.is_active());
+    assert_eq!(host.count_of(Metric::CompletionAbandoned), 1);
+    // A refusal (lock lost) or a bad call is never retried.
+    let mut x = forwarded_payment(&host);
+    x.on_response_headers(&host, true);
+    let (t, _) = host.last_call::<CompleteRequest>();
+    x.on_store_reply(&host, t, ok(&CompleteOutcome::LockLost));
+    assert!(!x.is_active());
 }

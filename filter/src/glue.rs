@@ -78,6 +78,26 @@ struct RootTurns {
     queue_id: Cell<Option<u32>>,
     /// `(stream context id, exchange)` in arrival order.
     pending: RefCell<Vec<(u32, SharedExchange)>>,
+    /// Exchanges with a `complete`/`release` retry waiting for its time; the root ticks
+    /// every [`RETRY_TICK_MS`] while any is here, and not at all otherwise.
+    timers: RefCell<Vec<(u32, SharedExchange)>>,
+}
+
+/// Root tick period while retries wait, ms.
+const RETRY_TICK_MS: u64 = 50;
+
+impl RootTurns {
+    /// Adds an exchange that asked for root ticks; starts the ticks if they were off.
+    fn add_timer(&self, stream_id: u32, shared: &SharedExchange) {
+        let mut timers = self.timers.borrow_mut();
+        if timers.iter().any(|(_, e)| Rc::ptr_eq(e, shared)) {
+            return;
+        }
+        if timers.is_empty() {
+            let _ = hostcalls::set_tick_period(Duration::from_millis(RETRY_TICK_MS));
+        }
+        timers.push((stream_id, shared.clone()));
+    }
 }
 
 struct IdemRoot {
@@ -115,6 +135,9 @@ impl IdemRoot {
                 f(&mut exchange, &host);
                 if let Some(token) = exchange.awaiting_root_callout() {
                     self.callouts.insert(token, (stream_id, shared.clone()));
+                }
+                if exchange.take_timer_request() {
+                    self.turns.add_timer(stream_id, shared);
                 }
             }
             Err(_) => log(
@@ -196,6 +219,27 @@ impl RootContext for IdemRoot {
         }
     }
 
+    fn on_tick(&mut self) {
+        let timers = std::mem::take(&mut *self.turns.timers.borrow_mut());
+        let mut waiting = Vec::with_capacity(timers.len());
+        for (stream_id, shared) in timers {
+            self.with_exchange(stream_id, &shared, |exchange, host| exchange.on_tick(host));
+            if shared.try_borrow().is_ok_and(|e| e.waits_for_timer()) {
+                waiting.push((stream_id, shared));
+            }
+        }
+        let mut timers = self.turns.timers.borrow_mut();
+        // `with_exchange` may have re-added some (a retry that failed at once).
+        for (stream_id, shared) in waiting {
+            if !timers.iter().any(|(_, e)| Rc::ptr_eq(e, &shared)) {
+                timers.push((stream_id, shared));
+            }
+        }
+        if timers.is_empty() {
+            let _ = hostcalls::set_tick_period(Duration::ZERO);
+        }
+    }
+
     fn on_queue_ready(&mut self, queue_id: u32) {
         while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
         let pending = std::mem::take(&mut *self.turns.pending.borrow_mut());
@@ -263,6 +307,11 @@ impl IdemHttp {
             return fallback;
         };
         let out = f(&mut exchange, &host);
+        if exchange.take_timer_request() {
+            self.env
+                .turns
+                .add_timer(self.env.context_id, &self.exchange);
+        }
         if exchange.take_root_turn_request() {
             match self.env.turns.queue_id.get() {
                 Some(queue_id) => {
@@ -513,7 +562,7 @@ impl Host for GlueHost<'_> {
             .flatten()
     }
 
-    fn dispatch(&self, call: StoreCall) -> Result<u32, String> {
+    fn dispatch(&self, call: &StoreCall) -> Result<u32, String> {
         let Some(config) = self.config else {
             return Err("the filter has no configuration".into());
         };

@@ -60,11 +60,18 @@ pub enum Metric {
     /// Locks given back at once because the client left before the claim answered (the
     /// request never left Envoy).
     EarlyReleases,
+    /// Claims sent a second time because no store server answered the first.
+    ClaimRetries,
+    /// `complete`/`release` calls retried from the root context after a failure.
+    CompletionRetries,
+    /// `complete`/`release` calls given up because the lock ended first (the record then
+    /// reads as an unknown outcome).
+    CompletionAbandoned,
 }
 
 impl Metric {
     /// Every metric, in the order they are defined with Envoy.
-    pub const ALL: [Metric; 17] = [
+    pub const ALL: [Metric; 20] = [
         Self::Checked,
         Self::Acquired,
         Self::Replayed,
@@ -82,6 +89,9 @@ impl Metric {
         Self::DetachedExecutions,
         Self::DetachedClientGone,
         Self::EarlyReleases,
+        Self::ClaimRetries,
+        Self::CompletionRetries,
+        Self::CompletionAbandoned,
     ];
 
     /// Position in [`Metric::ALL`] (the declaration order).
@@ -109,6 +119,9 @@ impl Metric {
             Self::DetachedExecutions => "idemgate.detached_executions",
             Self::DetachedClientGone => "idemgate.detached_client_gone",
             Self::EarlyReleases => "idemgate.early_releases",
+            Self::ClaimRetries => "idemgate.claim_retries",
+            Self::CompletionRetries => "idemgate.completion_retries",
+            Self::CompletionAbandoned => "idemgate.completion_abandoned",
         }
     }
 }
@@ -173,7 +186,7 @@ pub trait Host {
     ///
     /// # Errors
     /// The host refused the call (unknown cluster, bad arguments): a reason for the log.
-    fn dispatch(&self, call: StoreCall) -> Result<u32, String>;
+    fn dispatch(&self, call: &StoreCall) -> Result<u32, String>;
     /// Resumes a request paused in a request callback.
     fn resume_request(&self);
     /// Resumes a response paused in a response callback.

@@ -437,7 +437,7 @@ fn eventually_problem(stack: &Stack, send: impl Fn() -> Reply, expected: &str) -
 }
 
 #[test]
-fn an_expired_lock_can_be_claimed_again_and_the_late_complete_is_refused() {
+fn an_expired_lock_is_an_unknown_outcome_until_the_late_answer_lands() {
     let stack = stack("lock-expiry");
     let gw = stack.gateway();
     let slow = thread::spawn(move || {
@@ -450,27 +450,32 @@ fn an_expired_lock_can_be_claimed_again_and_the_late_complete_is_refused() {
             .unwrap()
     });
     wait_for_upstream(&stack, 1);
-    // Within the 1000 ms lock: 409 with Retry-After from the remaining lock time.
+    // Within the 1000 ms lock: 409 in-flight with a short Retry-After.
     let busy = order(&stack, "lock-1");
     assert_eq!(busy.status, 409, "{}", busy.text());
+    assert_eq!(problem_type(&busy), "urn:idemgate:problem:in-flight");
     assert_eq!(busy.header("retry-after"), Some("1"));
     thread::sleep(Duration::from_millis(1100));
-    // The lock expired while the first request still runs: the key can be claimed again.
+    // The lock expired with nothing stored while the first request still runs: its outcome
+    // is unknown, so the key is not executed again.
     let second = order(&stack, "lock-1");
+    assert_eq!(second.status, 409, "{}", second.text());
     assert_eq!(
-        (second.status, second.header("idempotent-replayed")),
-        (201, None)
+        problem_type(&second),
+        "urn:idemgate:problem:outcome-unknown"
     );
     let first = slow.join().unwrap();
     assert_eq!(
         first.status, 201,
         "the first client still gets its response"
     );
-    // The first holder's complete was refused: the stored response is the second's.
-    assert_eq!(stat(&stack, "lock_lost"), 1);
+    // The first holder's late complete lands (no other claim took the key), and the
+    // retry replays it.
+    assert_eq!(stat(&stack, "lock_lost"), 0);
     let retry = order(&stack, "lock-1");
     assert_eq!(retry.header("idempotent-replayed"), Some("true"));
-    assert_eq!(retry.body, second.body);
+    assert_eq!(retry.body, first.body);
+    assert_eq!(stack.executions("/v1/orders").unwrap(), 1);
 }
 
 #[test]
@@ -497,14 +502,14 @@ fn a_client_that_disconnects_mid_request_does_not_release_the_key() {
         "the upstream may still execute, so no second execution: {}",
         retry.text()
     );
-    // The stream's end recorded the key as not replayable: it never executes again, even
-    // after the lock TTL.
+    // The stream's end recorded an unknown outcome: held (the route's default: 60 s, then
+    // refused), never executed again.
     let retry = eventually_problem(
         &stack,
         || post_payment(&stack, "gone-1", body.as_bytes()),
-        "urn:idemgate:problem:not-replayable",
+        "urn:idemgate:problem:outcome-unknown",
     );
-    assert!(retry.text().contains("499"), "{}", retry.text());
+    assert!(retry.header("retry-after").is_some(), "{}", retry.text());
     assert_eq!(stack.upstream_requests().unwrap().len(), 1);
     assert_eq!(stat(&stack, "abandoned"), 1);
 }
@@ -538,8 +543,8 @@ fn an_envoy_timeout_never_releases_the_key() {
     let first = send("1500");
     assert_eq!(first.status, 504, "{}", first.text());
     // The upstream got the request and may have executed it: no second execution.
-    let retry = eventually_problem(&stack, || send("0"), "urn:idemgate:problem:not-replayable");
-    assert!(retry.text().contains("504"), "{}", retry.text());
+    let retry = eventually_problem(&stack, || send("0"), "urn:idemgate:problem:outcome-unknown");
+    assert!(retry.header("retry-after").is_some(), "{}", retry.text());
     assert_eq!(stack.upstream_requests().unwrap().len(), 1);
     assert_eq!(stat(&stack, "abandoned"), 1);
     assert_eq!(stat(&stack, "released"), 0);

@@ -1,0 +1,192 @@
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+//! Exactly-once when a store server dies: one Envoy whose store cluster lists two idemgate
+//! servers (a shared pool) over one Redis, all real, on loopback. A server is SIGKILLed
+//! while requests are upstream: their completions are retried on the other server, the
+//! clients' retries replay, no key executes twice, and no claim answers 503 while the
+//! other server is healthy.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use idemgate_e2e::process::Proc;
+use idemgate_e2e::stack::{free_port, wait_until};
+use idemgate_e2e::{
+    demo_filter_config, Client, Component, EnvoyTemplate, Reply, Stack, StackOptions,
+};
+use serde_json::json;
+
+const AUTH: &str = "Bearer tenant-fleet";
+
+/// The gateway template with a second endpoint (`second_port`) in the store cluster.
+fn two_server_template(second_port: u16) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let gateway = std::fs::read_to_string(root.join("envoy/gateway.yaml")).unwrap();
+    let one = "              socket_address: {address: 127.0.0.1, port_value: {{STORE_PORT}}}";
+    assert_eq!(
+        gateway.matches(one).count(),
+        1,
+        "one store endpoint in the template"
+    );
+    let two = format!(
+        "{one}\n        - endpoint:\n            address:\n              socket_address: {{address: 127.0.0.1, port_value: {second_port}}}"
+    );
+    let dir = root.join("target/e2e");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!("fleet-{}-{second_port}.yaml", std::process::id()));
+    std::fs::write(&path, gateway.replace(one, &two)).unwrap();
+    path
+}
+
+/// A second idemgate server on the stack's Redis.
+fn second_server(stack: &Stack, store_port: u16) -> Proc {
+    let admin_port = free_port().unwrap();
+    let mut cmd = Command::new(&stack.binaries().server);
+    cmd.arg("serve")
+        .arg("--redis-url")
+        .arg(stack.redis_url())
+        .arg("--store-listen")
+        .arg(format!("127.0.0.1:{store_port}"))
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin_port}"))
+        .env("RUST_LOG", "info");
+    let log = stack.log_dir().join("server-2.log");
+    let proc = Proc::spawn("server-2", cmd, &log).unwrap();
+    let health = Client::with_timeout(
+        format!("http://127.0.0.1:{store_port}"),
+        Duration::from_secs(1),
+    );
+    wait_until("server-2 ready", 30_000, || {
+        Ok(health.get("/healthz").send().is_ok_and(|r| r.status == 200))
+    })
+    .unwrap();
+    proc
+}
+
+fn pay(client: &Client, path: &str, key: &str, delay_ms: u64) -> Reply {
+    client
+        .post(path)
+        .header("authorization", AUTH)
+        .header("idempotency-key", key)
+        .header("x-demo-delay-ms", delay_ms.to_string())
+        .json(&json!({"amount": 5}))
+        .send()
+        .unwrap()
+}
+
+fn stat(stack: &Stack, name: &str) -> u64 {
+    stack
+        .envoy_stat(&format!("wasmcustom.idemgate.{name}"))
+        .unwrap()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_store_server_killed_mid_request_loses_no_completion_and_fails_no_claim() {
+    let second_port = free_port().unwrap();
+    let mut opts = StackOptions::new("fleet-kill", demo_filter_config().unwrap());
+    opts.template = EnvoyTemplate::File(two_server_template(second_port));
+    let mut stack = Stack::start(opts).expect("stack starts");
+    let _server2 = second_server(&stack, second_port);
+    // Let the health checker see both servers healthy.
+    thread::sleep(Duration::from_millis(1500));
+    let gw = stack.gateway();
+
+    // 8 requests upstream (router and detached routes), each under its own key.
+    let keys: Vec<(String, &str)> = (0..8)
+        .map(|i| {
+            let path = if i % 2 == 0 {
+                "/v1/orders"
+            } else {
+                "/v1/payments"
+            };
+            (format!("fleet-{i}"), path)
+        })
+        .collect();
+    let workers: Vec<_> = keys
+        .iter()
+        .cloned()
+        .map(|(key, path)| {
+            let gw = gw.clone();
+            thread::spawn(move || pay(&gw, path, &key, 1500))
+        })
+        .collect();
+    wait_until("8 requests upstream", 10_000, || {
+        Ok(stack.upstream_requests()?.len() >= 8)
+    })
+    .unwrap();
+    let killed_at = Instant::now();
+    stack.kill(Component::Server);
+
+    // While one server is dead: new claims never answer 503.
+    let mut fives = 0;
+    for i in 0..20 {
+        let r = pay(&gw, "/v1/orders", &format!("fleet-new-{i}"), 0);
+        if r.status >= 500 {
+            fives += 1;
+            eprintln!("while server 1 is dead: {} {}", r.status, r.text());
+        }
+    }
+    for w in workers {
+        let r = w.join().unwrap();
+        assert_eq!(r.status, 201, "the clients get their answers: {}", r.text());
+    }
+
+    // Every key's retry replays once its completion has landed on the other server.
+    let mut landed_ms = 0;
+    for (key, path) in &keys {
+        let started = Instant::now();
+        loop {
+            let r = pay(&gw, path, key, 0);
+            if r.status == 201 {
+                assert_eq!(
+                    r.header("idempotent-replayed"),
+                    Some("true"),
+                    "{key}: {}",
+                    r.text()
+                );
+                break;
+            }
+            assert_eq!(r.status, 409, "{key}: {}", r.text());
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{key} never replayed"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        landed_ms = landed_ms.max(killed_at.elapsed().as_millis());
+    }
+    let executions = stack.upstream_executions().unwrap();
+    assert_eq!(
+        executions.get("/v1/payments").copied().unwrap_or(0),
+        4,
+        "{executions:?}"
+    );
+    assert_eq!(
+        executions.get("/v1/orders").copied().unwrap_or(0),
+        4 + 20,
+        "{executions:?}"
+    );
+
+    // The killed server comes back: still no 503, still one execution per key.
+    stack.restart(Component::Server).unwrap();
+    for i in 0..20 {
+        let r = pay(&gw, "/v1/orders", &format!("fleet-back-{i}"), 0);
+        if r.status >= 500 {
+            fives += 1;
+            eprintln!("after the restart: {} {}", r.status, r.text());
+        }
+    }
+    eprintln!(
+        "fleet: 503s while a server was down or restarting: {fives}; every completion landed and replayed {landed_ms} ms after the kill; claim_retries {}, completion_retries {}, completion_abandoned {}",
+        stat(&stack, "claim_retries"),
+        stat(&stack, "completion_retries"),
+        stat(&stack, "completion_abandoned"),
+    );
+    assert_eq!(
+        fives, 0,
+        "no claim answered 503 while the other server was healthy"
+    );
+    assert_eq!(stat(&stack, "completion_abandoned"), 0);
+}
