@@ -54,9 +54,11 @@ const ROUTE_CLUSTER: [&str; 2] = ["xds", "cluster_name"];
 pub const RETRY_FIRST_DELAY_MS: u64 = 100;
 /// Longest delay between two retries of a `complete`/`release`, ms.
 pub const RETRY_MAX_DELAY_MS: u64 = 2_000;
-/// Tries of a claim when no store server answered (the second goes to another server of
-/// the store cluster), within the store timeout.
-pub const CLAIM_TRIES: u32 = 2;
+/// Tries of a claim when no store server answered, within the store timeout. Three, so
+/// that with the templates' outlier detection (a host is ejected after two consecutive
+/// local-origin failures) the last try reaches another server even if the load balancer
+/// picked the dead one twice.
+pub const CLAIM_TRIES: u32 = 3;
 /// `Retry-After` on 503 when the store cannot answer, seconds.
 pub const STORE_UNAVAILABLE_RETRY_AFTER_S: u64 = 1;
 
@@ -1159,8 +1161,8 @@ impl Exchange {
 
     fn on_claim_reply(&mut self, host: &dyn Host, claim: PendingClaim, reply: StoreReply) {
         // No store server answered (connection failure, or Envoy's own 503: a server's
-        // answer is problem JSON): try once more, same fencing token, so another server
-        // of the cluster takes it; a claim that did run answers `acquired` again.
+        // answer is problem JSON): try again, same fencing token, so another server of
+        // the cluster takes it; a claim that did run answers `acquired` again.
         let unanswered = reply
             .status
             .is_none_or(|s| s >= 500 && serde_json::from_slice::<Problem>(&reply.body).is_err());

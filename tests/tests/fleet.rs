@@ -116,6 +116,29 @@ fn a_store_server_killed_mid_request_loses_no_completion_and_fails_no_claim() {
         Ok(stack.upstream_requests()?.len() >= 8)
     })
     .unwrap();
+    let envoy_admin = stack.envoy_admin();
+    let clusters = |when: &str| {
+        let text = envoy_admin
+            .get("/clusters")
+            .send()
+            .map(|r| r.text())
+            .unwrap_or_default();
+        let store: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("idemgate_store::1")
+                    && (l.contains("::rq_total::")
+                        || l.contains("::health_flags::")
+                        || l.contains("::cx_connect_fail::"))
+            })
+            .collect();
+        eprintln!("store cluster {when}: {store:#?}");
+    };
+    eprintln!(
+        "server 1 (killed) on {}, server 2 on {second_port}",
+        stack.ports().store
+    );
+    clusters("before the kill");
     let killed_at = Instant::now();
     stack.kill(Component::Server);
 
@@ -128,6 +151,7 @@ fn a_store_server_killed_mid_request_loses_no_completion_and_fails_no_claim() {
             eprintln!("while server 1 is dead: {} {}", r.status, r.text());
         }
     }
+    clusters("after 20 claims");
     for w in workers {
         let r = w.join().unwrap();
         assert_eq!(r.status, 201, "the clients get their answers: {}", r.text());
@@ -187,6 +211,101 @@ fn a_store_server_killed_mid_request_loses_no_completion_and_fails_no_claim() {
     assert_eq!(
         fives, 0,
         "no claim answered 503 while the other server was healthy"
+    );
+    assert_eq!(stat(&stack, "completion_abandoned"), 0);
+}
+
+#[test]
+fn a_sidecar_store_server_restarted_mid_request_gets_its_completions_after_it_is_back() {
+    // One server (the sidecar shape): while it is down, every complete fails; the filter
+    // retries them from its root context until the lock ends, so they land once it is back.
+    let mut stack = Stack::start(StackOptions::new(
+        "sidecar-restart",
+        demo_filter_config().unwrap(),
+    ))
+    .expect("stack starts");
+    let gw = stack.gateway();
+    let keys: Vec<(String, &str)> = (0..4)
+        .map(|i| {
+            let path = if i % 2 == 0 {
+                "/v1/orders"
+            } else {
+                "/v1/payments"
+            };
+            (format!("sidecar-{i}"), path)
+        })
+        .collect();
+    let workers: Vec<_> = keys
+        .iter()
+        .cloned()
+        .map(|(key, path)| {
+            let gw = gw.clone();
+            thread::spawn(move || pay(&gw, path, &key, 1000))
+        })
+        .collect();
+    wait_until("4 requests upstream", 10_000, || {
+        Ok(stack.upstream_requests()?.len() >= 4)
+    })
+    .unwrap();
+    stack.kill(Component::Server);
+    for w in workers {
+        let r = w.join().unwrap();
+        assert_eq!(
+            r.status,
+            201,
+            "the client gets its answer at once: {}",
+            r.text()
+        );
+    }
+    thread::sleep(Duration::from_millis(1500));
+    assert!(
+        stat(&stack, "completion_retries") > 0,
+        "completions are being retried"
+    );
+    stack.restart(Component::Server).unwrap();
+    let back_at = Instant::now();
+    let mut landed_ms = 0;
+    for (key, path) in &keys {
+        loop {
+            let r = pay(&gw, path, key, 0);
+            if r.status == 201 {
+                assert_eq!(
+                    r.header("idempotent-replayed"),
+                    Some("true"),
+                    "{key}: {}",
+                    r.text()
+                );
+                break;
+            }
+            assert!(
+                r.status == 409 || r.status == 503,
+                "{key}: {} {}",
+                r.status,
+                r.text()
+            );
+            assert!(
+                back_at.elapsed() < Duration::from_secs(20),
+                "{key} never replayed"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        landed_ms = landed_ms.max(back_at.elapsed().as_millis());
+    }
+    let executions = stack.upstream_executions().unwrap();
+    assert_eq!(
+        executions.get("/v1/orders").copied().unwrap_or(0),
+        2,
+        "{executions:?}"
+    );
+    assert_eq!(
+        executions.get("/v1/payments").copied().unwrap_or(0),
+        2,
+        "{executions:?}"
+    );
+    eprintln!(
+        "sidecar: every lost completion landed and replayed within {landed_ms} ms of the server being back; completion_retries {}, completion_abandoned {}",
+        stat(&stack, "completion_retries"),
+        stat(&stack, "completion_abandoned"),
     );
     assert_eq!(stat(&stack, "completion_abandoned"), 0);
 }
