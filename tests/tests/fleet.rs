@@ -309,3 +309,130 @@ fn a_sidecar_store_server_restarted_mid_request_gets_its_completions_after_it_is
     );
     assert_eq!(stat(&stack, "completion_abandoned"), 0);
 }
+
+/// A second Envoy (`--concurrency 4`) on the same store cluster (both servers) and upstream.
+fn second_envoy(stack: &Stack, second_store_port: u16) -> (Proc, String) {
+    let gateway_port = free_port().unwrap();
+    let admin_port = free_port().unwrap();
+    let config = stack.log_dir().join("envoy-2.yaml");
+    idemgate_e2e::envoy::render_file(
+        &two_server_template(second_store_port),
+        &idemgate_e2e::envoy::EnvoyVars {
+            gateway_port,
+            admin_port,
+            upstream_port: stack.ports().upstream,
+            store_port: stack.ports().store,
+            filter_wasm: stack.binaries().filter_wasm.clone(),
+            filter_config: demo_filter_config().unwrap(),
+        },
+        &config,
+    )
+    .unwrap();
+    let mut cmd = Command::new(&stack.binaries().envoy);
+    cmd.arg("-c")
+        .arg(&config)
+        .args([
+            "--disable-hot-restart",
+            "--concurrency",
+            "4",
+            "-l",
+            "info",
+            "--base-id",
+        ])
+        .arg(gateway_port.to_string());
+    let proc = Proc::spawn("envoy-2", cmd, &stack.log_dir().join("envoy-2.log")).unwrap();
+    let ready = Client::with_timeout(
+        format!("http://127.0.0.1:{admin_port}"),
+        Duration::from_secs(1),
+    );
+    wait_until("envoy-2 ready", 30_000, || {
+        Ok(ready.get("/ready").send().is_ok_and(|r| r.status == 200))
+    })
+    .unwrap();
+    (proc, format!("http://127.0.0.1:{gateway_port}"))
+}
+
+/// 200 concurrent duplicates of one payment over two Envoys (2 and 4 workers) and two
+/// servers: exactly one execution, every other answer a 409 or the replay, no 5xx.
+fn burst(stack: &Stack, gateways: &[String], key: &str) {
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(200));
+    let workers: Vec<_> = (0..200)
+        .map(|i| {
+            let client = Client::new(gateways[i % gateways.len()].clone());
+            let barrier = barrier.clone();
+            let key = key.to_owned();
+            thread::spawn(move || {
+                barrier.wait();
+                pay(&client, "/v1/payments", &key, 200)
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for w in workers {
+        let r = w.join().unwrap();
+        *statuses.entry(r.status).or_insert(0) += 1;
+        if r.status == 201 {
+            let v: serde_json::Value = r.json().unwrap();
+            ids.insert(v["id"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    eprintln!("burst {key}: statuses {statuses:?}, ids {ids:?}");
+    assert!(
+        statuses.keys().all(|s| *s == 201 || *s == 409),
+        "{statuses:?}"
+    );
+    assert_eq!(ids.len(), 1, "every 201 is the one execution: {ids:?}");
+    let _ = stack;
+}
+
+#[test]
+fn two_envoys_and_two_servers_execute_200_concurrent_duplicates_once() {
+    let second_port = free_port().unwrap();
+    let mut opts = StackOptions::new("fleet-burst", demo_filter_config().unwrap());
+    opts.template = EnvoyTemplate::File(two_server_template(second_port));
+    let stack = Stack::start(opts).expect("stack starts");
+    let _server2 = second_server(&stack, second_port);
+    let (_envoy2, gateway2) = second_envoy(&stack, second_port);
+    let gateways = [stack.gateway_url(), gateway2];
+    burst(&stack, &gateways, "burst-1");
+    assert_eq!(stack.executions("/v1/payments").unwrap(), 1);
+}
+
+#[test]
+fn two_envoys_and_two_servers_on_a_redis_cluster_execute_200_concurrent_duplicates_once() {
+    let cluster = idemgate_e2e::RedisCluster::start().expect("a three-node cluster forms");
+    let second_port = free_port().unwrap();
+    let mut opts = StackOptions::new("fleet-burst-cluster", demo_filter_config().unwrap());
+    opts.template = EnvoyTemplate::File(two_server_template(second_port));
+    opts.server_redis_url = Some(cluster.url());
+    opts.server_args = vec!["--redis-cluster".into()];
+    let stack = Stack::start(opts).expect("stack starts");
+    // The second server on the same cluster.
+    let admin_port = free_port().unwrap();
+    let mut cmd = Command::new(&stack.binaries().server);
+    cmd.arg("serve")
+        .arg("--redis-url")
+        .arg(cluster.url())
+        .arg("--redis-cluster")
+        .arg("--store-listen")
+        .arg(format!("127.0.0.1:{second_port}"))
+        .arg("--admin-listen")
+        .arg(format!("127.0.0.1:{admin_port}"))
+        .env("RUST_LOG", "info");
+    let _server2 = Proc::spawn("server-2", cmd, &stack.log_dir().join("server-2.log")).unwrap();
+    let health = Client::with_timeout(
+        format!("http://127.0.0.1:{second_port}"),
+        Duration::from_secs(1),
+    );
+    wait_until("server-2 ready", 30_000, || {
+        Ok(health.get("/healthz").send().is_ok_and(|r| r.status == 200))
+    })
+    .unwrap();
+    let (_envoy2, gateway2) = second_envoy(&stack, second_port);
+    let gateways = [stack.gateway_url(), gateway2];
+    for i in 0..3 {
+        burst(&stack, &gateways, &format!("cluster-burst-{i}"));
+    }
+    assert_eq!(stack.executions("/v1/payments").unwrap(), 3);
+}
