@@ -172,6 +172,7 @@ pub fn KeysPage() -> impl IntoView {
                     <option value="">"any"</option>
                     <option value="in_flight">"in flight"</option>
                     <option value="completed">"completed"</option>
+                    <option value="unknown">"outcome unknown"</option>
                 </select>
             </label>
             <label>

@@ -194,6 +194,11 @@ fn StatsView(stats: StatsResponse, win: RwSignal<Win>, cards: AnyView) -> impl I
                 <a class="value" href="/keys?state=in_flight" title="List the keys in flight">{in_flight}</a>
                 <span class="hint">"executing upstream (or waiting for their lock to expire)"</span>
             </div>
+            <div class="card stat" id="unknown-outcomes-day">
+                <span class="label">"Unknown outcomes, last day"</span>
+                <a class="value" href="/keys?state=unknown" title="List the keys whose outcome is unknown">{stats.day.totals.unknown_outcomes.to_string()}</a>
+                <span class="hint">"the client or Envoy gave up after the request left; retries get 409"</span>
+            </div>
             <div class="card stat">
                 <span class="label">"Replay rate, last minute"</span>
                 <span class="value">{percent(stats.minute.replay_rate)}</span>
