@@ -8,7 +8,8 @@
 //!
 //! Bodies are JSON exactly as in [`idemgate_protocol`]. A body that does not parse (bad
 //! JSON, unknown field, wrong type) or breaks a rule below answers 400 `BadStoreCall`;
-//! Redis errors and calls slower than `--redis-timeout-ms` answer 503 `StoreUnavailable`.
+//! Redis errors, calls slower than `--redis-timeout-ms` and, with `--redis-wait-replicas`,
+//! claims and completes too few replicas acknowledged answer 503 `StoreUnavailable`.
 //!
 //! Validation rules (server side, on top of serde):
 //! - `record`: [`idemgate_protocol::RecordId::validate`].
@@ -168,6 +169,13 @@ async fn run<T>(
         Err(err) => {
             if matches!(err, StoreError::Redis(_) | StoreError::Timeout { .. }) {
                 state.metrics.redis_errors.inc();
+            }
+            if let StoreError::WaitShortfall { call, .. } = err {
+                state
+                    .metrics
+                    .wait_shortfalls
+                    .with_label_values(&[call])
+                    .inc();
             }
             let mut e = record_event(EventKind::StoreError, record, None);
             e.detail = Some(format!("{call}: {err}"));

@@ -110,7 +110,65 @@ pub struct ServeArgs {
     /// The admin token from IDEMGATE_ADMIN_TOKEN (read by `main`, never a flag).
     #[arg(skip)]
     pub admin_token: Option<String>,
+
+    /// Sentinel and WAIT: claims that survive a primary failover.
+    #[command(flatten)]
+    pub failover: FailoverArgs,
 }
+
+/// Flags for a replicated Redis: Sentinel discovery and `WAIT` after writes.
+#[derive(Debug, Clone, Args)]
+pub struct FailoverArgs {
+    /// Comma-separated Redis Sentinel URLs (`redis://host:26379`, `rediss://...`): the
+    /// server asks them for the master of --redis-sentinel-master and follows a failover
+    /// without a restart. --redis-url then only supplies the master's credentials, TLS
+    /// and database. Not with --redis-cluster.
+    #[arg(long, env = "IDEMGATE_REDIS_SENTINEL")]
+    pub redis_sentinel: Option<String>,
+
+    /// The master (service) name the Sentinels monitor.
+    #[arg(
+        long,
+        env = "IDEMGATE_REDIS_SENTINEL_MASTER",
+        default_value = DEFAULT_SENTINEL_MASTER
+    )]
+    pub redis_sentinel_master: String,
+
+    /// Replicas that must acknowledge each claim and complete (`WAIT N timeout`), 0..=16;
+    /// 0 (the default) turns WAIT off. A claim acknowledged by fewer is undone and answers
+    /// 503; a complete answers 503 and the filter retries it.
+    #[arg(long, env = "IDEMGATE_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
+    /// How long WAIT waits for the replicas, in milliseconds (1..=60000, and below
+    /// --redis-timeout-ms, which bounds the whole store call).
+    #[arg(
+        long,
+        env = "IDEMGATE_REDIS_WAIT_TIMEOUT_MS",
+        default_value_t = DEFAULT_WAIT_TIMEOUT_MS
+    )]
+    pub redis_wait_timeout_ms: u64,
+}
+
+impl Default for FailoverArgs {
+    fn default() -> Self {
+        Self {
+            redis_sentinel: None,
+            redis_sentinel_master: DEFAULT_SENTINEL_MASTER.to_owned(),
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: DEFAULT_WAIT_TIMEOUT_MS,
+        }
+    }
+}
+
+/// Default `--redis-sentinel-master` (the name in Redis' sample `sentinel.conf`).
+pub const DEFAULT_SENTINEL_MASTER: &str = "mymaster";
+/// Default `--redis-wait-timeout-ms`.
+pub const DEFAULT_WAIT_TIMEOUT_MS: u64 = 100;
+/// Largest `--redis-wait-replicas`.
+pub const MAX_WAIT_REPLICAS: u32 = 16;
+/// Largest `--redis-wait-timeout-ms`.
+pub const MAX_WAIT_TIMEOUT_MS: u64 = 60_000;
 
 /// How to reach Redis.
 #[derive(Debug, Clone)]
@@ -119,6 +177,15 @@ pub enum RedisSpec {
     Single(Box<redis::Client>),
     /// Seed node URLs of a Redis Cluster.
     Cluster(Vec<String>),
+    /// A master found through Redis Sentinel.
+    Sentinel {
+        /// Sentinel URLs.
+        sentinels: Vec<String>,
+        /// The monitored master's name.
+        master: String,
+        /// Credentials, TLS mode and database for the master (from `--redis-url`).
+        client: Box<redis::Client>,
+    },
 }
 
 /// Largest accepted `--redis-timeout-ms`.
@@ -143,6 +210,8 @@ pub struct Config {
     pub tokens: crate::auth::AdminTokens,
     /// Directory of the built dashboard.
     pub dashboard_dir: Option<std::path::PathBuf>,
+    /// `WAIT` after claims and completes; `None` when `--redis-wait-replicas` is 0.
+    pub wait: Option<crate::store::WaitPolicy>,
 }
 
 /// Why a configuration was refused at start.
@@ -173,6 +242,12 @@ pub enum ConfigError {
     /// No token and a non-loopback admin listener.
     #[error("--admin-listen {0} is not a loopback address and no admin token is configured; set IDEMGATE_ADMIN_TOKEN or --admin-token-file (or listen on 127.0.0.1)")]
     TokenRequired(SocketAddr),
+    /// `--redis-sentinel` without a URL, with a bad one, or together with --redis-cluster.
+    #[error("--redis-sentinel / IDEMGATE_REDIS_SENTINEL: {0}")]
+    Sentinel(String),
+    /// `--redis-wait-replicas` or `--redis-wait-timeout-ms` out of range.
+    #[error("{0}")]
+    Wait(String),
     /// `--dashboard-dir` is not a directory with an index.html.
     #[error(
         "--dashboard-dir / IDEMGATE_DASHBOARD_DIR {0:?} is not a directory holding index.html"
@@ -187,7 +262,9 @@ impl ServeArgs {
     /// A [`ConfigError`] naming the flag, its environment variable and the rule.
     pub fn validate(&self) -> Result<Config, ConfigError> {
         let redacted = redact_url(&self.redis_url);
-        let redis = if self.redis_cluster {
+        let redis = if let Some(urls) = &self.failover.redis_sentinel {
+            self.sentinel_spec(urls, &redacted)?
+        } else if self.redis_cluster {
             let seeds: Vec<String> = self
                 .redis_url
                 .split(',')
@@ -220,6 +297,7 @@ impl ServeArgs {
         if !(1..=MAX_REDIS_TIMEOUT_MS).contains(&self.redis_timeout_ms) {
             return Err(ConfigError::RedisTimeout(self.redis_timeout_ms));
         }
+        let wait = self.wait_policy()?;
         let prefix_ok = (1..=64).contains(&self.key_prefix.len())
             && self
                 .key_prefix
@@ -260,7 +338,80 @@ impl ServeArgs {
             key_prefix: self.key_prefix.clone(),
             tokens,
             dashboard_dir: self.dashboard_dir.clone(),
+            wait,
         })
+    }
+
+    /// `--redis-sentinel` URLs (comma-separated, at least one, each a Redis URL) and the
+    /// master's connection settings from `--redis-url`.
+    fn sentinel_spec(&self, urls: &str, redacted: &str) -> Result<RedisSpec, ConfigError> {
+        if self.redis_cluster {
+            return Err(ConfigError::Sentinel(
+                "Sentinel and --redis-cluster exclude each other (a Redis Cluster fails over by itself)".into(),
+            ));
+        }
+        let sentinels: Vec<String> = urls
+            .split(',')
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if sentinels.is_empty() {
+            return Err(ConfigError::Sentinel("no Sentinel URL".into()));
+        }
+        for url in &sentinels {
+            redis::Client::open(url.as_str()).map_err(|e| {
+                ConfigError::Sentinel(format!("{:?} is not a Redis URL: {e}", redact_url(url)))
+            })?;
+        }
+        let master = self.failover.redis_sentinel_master.trim();
+        if master.is_empty() || master.len() > 128 || master.contains(char::is_whitespace) {
+            return Err(ConfigError::Sentinel(format!(
+                "--redis-sentinel-master / IDEMGATE_REDIS_SENTINEL_MASTER {master:?} must be 1..=128 characters without spaces"
+            )));
+        }
+        let client = redis::Client::open(self.redis_url.as_str()).map_err(|source| {
+            ConfigError::RedisUrl {
+                url: redacted.to_owned(),
+                source,
+            }
+        })?;
+        Ok(RedisSpec::Sentinel {
+            sentinels,
+            master: master.to_owned(),
+            client: Box::new(client),
+        })
+    }
+
+    /// The WAIT policy: `None` with 0 replicas; else 1..=[`MAX_WAIT_REPLICAS`] replicas
+    /// and a timeout of 1..=[`MAX_WAIT_TIMEOUT_MS`] ms below `--redis-timeout-ms` (WAIT runs
+    /// inside the store call that the Redis timeout bounds).
+    fn wait_policy(&self) -> Result<Option<crate::store::WaitPolicy>, ConfigError> {
+        let f = &self.failover;
+        if f.redis_wait_replicas > MAX_WAIT_REPLICAS {
+            return Err(ConfigError::Wait(format!(
+                "--redis-wait-replicas / IDEMGATE_REDIS_WAIT_REPLICAS must be 0..={MAX_WAIT_REPLICAS}, got {}",
+                f.redis_wait_replicas
+            )));
+        }
+        if !(1..=MAX_WAIT_TIMEOUT_MS).contains(&f.redis_wait_timeout_ms) {
+            return Err(ConfigError::Wait(format!(
+                "--redis-wait-timeout-ms / IDEMGATE_REDIS_WAIT_TIMEOUT_MS must be 1..={MAX_WAIT_TIMEOUT_MS}, got {}",
+                f.redis_wait_timeout_ms
+            )));
+        }
+        if f.redis_wait_replicas == 0 {
+            return Ok(None);
+        }
+        if f.redis_wait_timeout_ms >= self.redis_timeout_ms {
+            return Err(ConfigError::Wait(format!(
+                "--redis-wait-timeout-ms / IDEMGATE_REDIS_WAIT_TIMEOUT_MS ({} ms) must be below --redis-timeout-ms ({} ms), which bounds the whole store call including WAIT",
+                f.redis_wait_timeout_ms, self.redis_timeout_ms
+            )));
+        }
+        Ok(Some(crate::store::WaitPolicy {
+            replicas: f.redis_wait_replicas,
+            timeout: Duration::from_millis(f.redis_wait_timeout_ms),
+        }))
     }
 }
 
@@ -344,6 +495,7 @@ mod tests {
             admin_token_file: None,
             dashboard_dir: None,
             admin_token: None,
+            failover: FailoverArgs::default(),
         }
     }
 
@@ -447,13 +599,119 @@ mod tests {
         a.redis_url = "redis://127.0.0.1:7000, rediss://127.0.0.1:7001".into();
         match a.validate().unwrap().redis {
             RedisSpec::Cluster(seeds) => assert_eq!(seeds.len(), 2),
-            RedisSpec::Single(_) => panic!("expected a cluster"),
+            other => panic!("expected a cluster, got {other:?}"),
         }
         a.redis_url = "redis://127.0.0.1:7000,http://x".into();
         assert!(matches!(a.validate(), Err(ConfigError::RedisUrl { .. })));
         let mut a = args();
         a.redis_url = "rediss://user:pw@redis.example:6380".into();
         assert!(a.validate().is_ok(), "TLS URLs are supported");
+    }
+
+    #[test]
+    fn wait_flags_are_validated() {
+        let mut a = args();
+        assert_eq!(a.validate().unwrap().wait, None, "WAIT is off by default");
+        a.failover.redis_wait_replicas = 1;
+        let wait = a.validate().unwrap().wait.unwrap();
+        assert_eq!(wait.replicas, 1);
+        assert_eq!(wait.timeout, Duration::from_millis(DEFAULT_WAIT_TIMEOUT_MS));
+        a.failover.redis_wait_replicas = MAX_WAIT_REPLICAS;
+        assert!(a.validate().is_ok());
+        a.failover.redis_wait_replicas = MAX_WAIT_REPLICAS + 1;
+        let err = a.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--redis-wait-replicas") && err.contains("0..=16"),
+            "{err}"
+        );
+        a.failover.redis_wait_replicas = 1;
+        for bad in [0, MAX_WAIT_TIMEOUT_MS + 1] {
+            a.failover.redis_wait_timeout_ms = bad;
+            let err = a.validate().unwrap_err().to_string();
+            assert!(
+                err.contains("--redis-wait-timeout-ms") && err.contains("1..=60000"),
+                "{err}"
+            );
+        }
+        // WAIT runs inside the store call that --redis-timeout-ms bounds.
+        a.failover.redis_wait_timeout_ms = 500;
+        let err = a.validate().unwrap_err().to_string();
+        assert!(err.contains("below --redis-timeout-ms (500 ms)"), "{err}");
+        a.redis_timeout_ms = 501;
+        assert!(a.validate().is_ok());
+        // With WAIT off the timeout is still range-checked, but need not be below.
+        a.failover.redis_wait_replicas = 0;
+        a.redis_timeout_ms = 100;
+        assert_eq!(a.validate().unwrap().wait, None);
+        // On a cluster WAIT goes to each key's master: allowed.
+        let mut a = args();
+        a.redis_cluster = true;
+        a.failover.redis_wait_replicas = 1;
+        assert!(a.validate().unwrap().wait.is_some());
+    }
+
+    #[test]
+    fn sentinel_flags_are_validated() {
+        let mut a = args();
+        a.failover.redis_sentinel = Some("redis://127.0.0.1:26379, redis://127.0.0.1:26380".into());
+        match a.validate().unwrap().redis {
+            RedisSpec::Sentinel {
+                sentinels, master, ..
+            } => {
+                assert_eq!(sentinels.len(), 2);
+                assert_eq!(master, "mymaster");
+            }
+            other => panic!("expected Sentinel, got {other:?}"),
+        }
+        a.failover.redis_sentinel = Some(" , ".into());
+        let err = a.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("--redis-sentinel") && err.contains("no Sentinel URL"),
+            "{err}"
+        );
+        a.failover.redis_sentinel = Some("redis://127.0.0.1:26379,http://x".into());
+        assert!(matches!(a.validate(), Err(ConfigError::Sentinel(_))));
+        a.failover.redis_sentinel = Some("redis://127.0.0.1:26379".into());
+        a.failover.redis_sentinel_master = "has space".into();
+        let err = a.validate().unwrap_err().to_string();
+        assert!(err.contains("--redis-sentinel-master"), "{err}");
+        a.failover.redis_sentinel_master = "payments".into();
+        a.redis_cluster = true;
+        let err = a.validate().unwrap_err().to_string();
+        assert!(err.contains("--redis-cluster"), "{err}");
+    }
+
+    #[test]
+    fn cli_parses_failover_flags() {
+        let cli = Cli::try_parse_from([
+            "idemgate-server",
+            "serve",
+            "--redis-sentinel",
+            "redis://127.0.0.1:26379",
+            "--redis-sentinel-master",
+            "payments",
+            "--redis-wait-replicas",
+            "2",
+            "--redis-wait-timeout-ms",
+            "50",
+        ])
+        .unwrap();
+        let Command::Serve(s) = cli.command else {
+            panic!("expected the serve command");
+        };
+        assert_eq!(
+            s.failover.redis_sentinel.as_deref(),
+            Some("redis://127.0.0.1:26379")
+        );
+        assert_eq!(s.failover.redis_sentinel_master, "payments");
+        assert_eq!(s.failover.redis_wait_replicas, 2);
+        assert_eq!(s.failover.redis_wait_timeout_ms, 50);
+        let cfg = s.validate().unwrap();
+        assert_eq!(cfg.wait.unwrap().replicas, 2);
+        assert!(
+            Cli::try_parse_from(["idemgate-server", "serve", "--redis-wait-replicas", "-1"])
+                .is_err()
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub const STORE_RETRY_AFTER_S: u64 = 1;
 /// | [`AppError::BadRequest`] | `urn:idemgate:problem:bad-request` | 400 |
 /// | [`AppError::Unauthorized`] | `urn:idemgate:problem:unauthorized` | 401, `WWW-Authenticate: Bearer` |
 /// | [`AppError::ConfirmationMismatch`] | `urn:idemgate:problem:confirmation-mismatch` | 409 |
-/// | [`AppError::Store`] (Redis error or timeout) | `urn:idemgate:problem:store-unavailable` | 503, `Retry-After: 1` |
+/// | [`AppError::Store`] (Redis error, timeout, or a write too few replicas acknowledged) | `urn:idemgate:problem:store-unavailable` | 503, `Retry-After: 1` |
 /// | [`AppError::Store`] (undecodable data) | `urn:idemgate:problem:internal` | 500 |
 ///
 /// Store failures are logged once here, with the cause; the body says nothing internal.
@@ -77,7 +77,11 @@ impl IntoResponse for AppError {
             AppError::ConfirmationMismatch(detail) => {
                 Problem::new(ProblemType::ConfirmationMismatch, detail.clone())
             }
-            AppError::Store(err @ (StoreError::Redis(_) | StoreError::Timeout { .. })) => {
+            AppError::Store(
+                err @ (StoreError::Redis(_)
+                | StoreError::Timeout { .. }
+                | StoreError::WaitShortfall { .. }),
+            ) => {
                 tracing::warn!(error = %err, "store unavailable");
                 Problem::new(
                     ProblemType::StoreUnavailable,

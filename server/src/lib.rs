@@ -5,7 +5,7 @@
 //! - [`admin_app`]: the admin API under `/api` (bearer tokens, see [`auth`]), `/metrics`
 //!   and the dashboard; see [`admin`].
 //! - [`store`]: the Redis layout and the store's Lua scripts; [`keys`]: listing, detail and
-//!   deletion for the admin side; [`backend`]: single server or cluster.
+//!   deletion for the admin side; [`backend`]: single server, Sentinel or cluster.
 //! - [`events`]: the event stream and counters in Redis; [`stats`]: reading the counters;
 //!   [`expiry`]: expirations reported once; [`metrics`]: Prometheus.
 //! - [`cli`]: the operator CLI (`keys`, `purge`, `stats`) over the admin API.
@@ -238,9 +238,22 @@ pub async fn serve(
     let backend = match config.redis {
         config::RedisSpec::Single(client) => Backend::single(*client, config.redis_timeout),
         config::RedisSpec::Cluster(seeds) => Backend::cluster(&seeds, config.redis_timeout),
+        config::RedisSpec::Sentinel {
+            sentinels,
+            master,
+            client,
+        } => Backend::sentinel(&sentinels, &master, &client, config.redis_timeout),
     }
     .map_err(StoreError::from)?;
-    let store = Store::with_backend(backend, config.key_prefix.clone(), config.redis_timeout);
+    let store = Store::with_backend(backend, config.key_prefix.clone(), config.redis_timeout)
+        .with_wait(config.wait);
+    if let Some(w) = config.wait {
+        tracing::info!(
+            replicas = w.replicas,
+            timeout_ms = w.timeout.as_millis() as u64,
+            "claims and completes wait for replica acknowledgements (WAIT)"
+        );
+    }
     let state = AppState::new(store.clone(), config.tokens.clone())
         .map_err(|e| ServeError::Metrics(e.to_string()))?
         .with_dashboard_dir(config.dashboard_dir.clone());

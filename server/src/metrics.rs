@@ -5,6 +5,7 @@
 //! | `idemgate_store_call_duration_seconds` | histogram | `call` (claim, complete, release) |
 //! | `idemgate_store_outcomes_total` | counter | `call`, `outcome` (e.g. acquired, replay, error) |
 //! | `idemgate_redis_errors_total` | counter | |
+//! | `idemgate_redis_wait_shortfalls_total` | counter | `call` (claim, complete): `WAIT` counted too few replicas |
 //! | `idemgate_sse_clients` | gauge | |
 //! | `idemgate_events_written_total` | counter | |
 //! | `idemgate_events_dropped_total` | counter | |
@@ -24,6 +25,8 @@ pub struct Metrics {
     pub store_outcomes: IntCounterVec,
     /// Redis errors seen by any part of the server.
     pub redis_errors: IntCounter,
+    /// Claims and completes that `WAIT` found acknowledged by too few replicas, by `call`.
+    pub wait_shortfalls: IntCounterVec,
     /// Connected SSE clients.
     pub sse_clients: IntGauge,
     /// Events written to the stream.
@@ -60,6 +63,13 @@ impl Metrics {
         )?;
         let redis_errors =
             IntCounter::new("idemgate_redis_errors_total", "Redis errors and timeouts.")?;
+        let wait_shortfalls = IntCounterVec::new(
+            Opts::new(
+                "idemgate_redis_wait_shortfalls_total",
+                "Claims (undone) and completes (answered 503, retried by the filter) that fewer replicas acknowledged than --redis-wait-replicas.",
+            ),
+            &["call"],
+        )?;
         let sse_clients = IntGauge::new("idemgate_sse_clients", "Connected SSE clients.")?;
         let events_written = IntCounter::new(
             "idemgate_events_written_total",
@@ -79,6 +89,7 @@ impl Metrics {
         registry.register(Box::new(store_latency.clone()))?;
         registry.register(Box::new(store_outcomes.clone()))?;
         registry.register(Box::new(redis_errors.clone()))?;
+        registry.register(Box::new(wait_shortfalls.clone()))?;
         registry.register(Box::new(sse_clients.clone()))?;
         registry.register(Box::new(events_written.clone()))?;
         registry.register(Box::new(events_dropped.clone()))?;
@@ -88,6 +99,7 @@ impl Metrics {
             store_latency,
             store_outcomes,
             redis_errors,
+            wait_shortfalls,
             sse_clients,
             events_written,
             events_dropped,

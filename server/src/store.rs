@@ -78,6 +78,39 @@ pub enum StoreError {
     /// data it cannot decode (e.g. a record written by something else).
     #[error("unexpected store data: {0}")]
     Corrupt(String),
+    /// `WAIT` (`--redis-wait-replicas`) counted fewer replicas than required within its
+    /// timeout: the write could be lost in a failover. A claim is undone; both answer 503.
+    #[error("{call}: {acked} of {wanted} replicas acknowledged within {timeout_ms} ms")]
+    WaitShortfall {
+        /// `claim` or `complete`.
+        call: &'static str,
+        /// Replicas that acknowledged.
+        acked: i64,
+        /// Replicas required.
+        wanted: u32,
+        /// The WAIT timeout, ms.
+        timeout_ms: u64,
+    },
+}
+
+/// `WAIT` after each claim and complete (`--redis-wait-replicas`,
+/// `--redis-wait-timeout-ms`): Redis replicates asynchronously, so a write acknowledged only
+/// by a primary that dies before replicating is lost when a replica is promoted. WAIT
+/// narrows that to writes no replica acknowledged, which are then refused. (It does not
+/// make Redis strongly consistent: a replica that acknowledged may still not be the one
+/// promoted, and acknowledged means received, not written to disk.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitPolicy {
+    /// Replicas that must acknowledge, 1..=16.
+    pub replicas: u32,
+    /// How long WAIT waits for them.
+    pub timeout: Duration,
+}
+
+impl WaitPolicy {
+    fn timeout_ms(&self) -> u64 {
+        u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX)
+    }
 }
 
 /// Handle to the Redis store. Cheap to clone; holds no state a second instance would need.
@@ -86,6 +119,7 @@ pub struct Store {
     backend: Backend,
     key_prefix: String,
     timeout: Duration,
+    wait: Option<WaitPolicy>,
 }
 
 impl Store {
@@ -119,7 +153,20 @@ impl Store {
             backend,
             key_prefix: key_prefix.into(),
             timeout,
+            wait: None,
         }
+    }
+
+    /// Requires `WAIT` acknowledgements after claims and completes (`None`: no WAIT).
+    #[must_use]
+    pub fn with_wait(mut self, wait: Option<WaitPolicy>) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// The WAIT policy, if any.
+    pub fn wait(&self) -> Option<WaitPolicy> {
+        self.wait
     }
 
     /// The backend (for per-node work: SCAN, keyspace notifications).
@@ -179,9 +226,12 @@ impl Store {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(limit, fut).await {
             Ok(result) => Ok(result?),
-            Err(_) => Err(StoreError::Timeout {
-                timeout_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-            }),
+            Err(_) => {
+                self.backend.call_timed_out();
+                Err(StoreError::Timeout {
+                    timeout_ms: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                })
+            }
         }
     }
 
@@ -223,10 +273,8 @@ impl Store {
             ),
             None => ("", 0, 0),
         };
-        let mut conn = self.conn().await?;
-        let mut invocation = CLAIM_SCRIPT.key(&key);
-        invocation
-            .arg(&token)
+        let mut eval = evalsha(&CLAIM_SCRIPT, &key);
+        eval.arg(&token)
             .arg(&req.fingerprint)
             .arg(&req.route)
             .arg(&req.method)
@@ -235,11 +283,30 @@ impl Store {
             .arg(after)
             .arg(hold_ms)
             .arg(refuse_ttl_ms);
+        let mut conn = self.conn().await?;
         let result = self
-            .timed(async { invocation.invoke_async(&mut conn).await })
+            .timed(self.eval_maybe_wait(&mut conn, &CLAIM_SCRIPT, &eval, &key))
             .await;
         match result {
-            Ok(value) => parse_claim(value, token),
+            Ok((value, acked)) => {
+                let outcome = parse_claim(value, token.clone())?;
+                if let (Some(wait), Some(acked), ClaimOutcome::Acquired { .. }) =
+                    (self.wait, acked, &outcome)
+                {
+                    if acked < i64::from(wait.replicas) {
+                        // Not on enough replicas to survive a failover: undo it (fenced,
+                        // also when the caller made the token) and answer a store failure.
+                        self.undo_late_claim(req.record.clone(), token);
+                        return Err(StoreError::WaitShortfall {
+                            call: "claim",
+                            acked,
+                            wanted: wait.replicas,
+                            timeout_ms: wait.timeout_ms(),
+                        });
+                    }
+                }
+                Ok(outcome)
+            }
             Err(e) => {
                 // The script may have been sent and run later, or run with its answer lost.
                 // A caller with its own token releases (or retries) it itself; a lock taken
@@ -248,6 +315,39 @@ impl Store {
                     self.undo_late_claim(req.record.clone(), token);
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Runs `eval` (see [`evalsha`]) on `conn`, followed by `WAIT` when a [`WaitPolicy`] is
+    /// set; returns the script's answer and the acknowledging replicas (`None` without
+    /// WAIT).
+    async fn eval_maybe_wait(
+        &self,
+        conn: &mut Conn,
+        script: &Script,
+        eval: &redis::Cmd,
+        key: &str,
+    ) -> Result<(Value, Option<i64>), redis::RedisError> {
+        match self.wait {
+            None => {
+                let value = match conn.query::<Value>(eval).await {
+                    Err(e)
+                        if e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        script.load_async(conn).await?;
+                        conn.query::<Value>(eval).await?
+                    }
+                    other => other?,
+                };
+                Ok((value, None))
+            }
+            Some(w) => {
+                let (value, acked) = conn
+                    .eval_then_wait(script, eval, key, w.replicas, w.timeout_ms())
+                    .await?;
+                Ok((value, Some(acked)))
             }
         }
     }
@@ -312,19 +412,32 @@ impl Store {
         };
         let unknown = u8::from(req.outcome_unknown);
         let mut conn = self.conn().await?;
-        let mut invocation = COMPLETE_SCRIPT.key(&key);
-        invocation
-            .arg(&req.fencing_token)
+        let mut eval = evalsha(&COMPLETE_SCRIPT, &key);
+        eval.arg(&req.fencing_token)
             .arg(req.status)
             .arg(headers_json)
             .arg(body)
             .arg(replayable)
             .arg(ttl_ms)
             .arg(unknown);
-        let answer: Vec<String> = self
-            .timed(async { invocation.invoke_async(&mut conn).await })
+        let (value, acked) = self
+            .timed(self.eval_maybe_wait(&mut conn, &COMPLETE_SCRIPT, &eval, &key))
             .await?;
+        let answer = <Vec<String> as redis::FromRedisValue>::from_redis_value(value)
+            .map_err(|e| StoreError::Corrupt(format!("complete answered {e}")))?;
         let route = fenced_answer(answer, "completed", "complete")?;
+        if let (Some(wait), Some(acked), Some(_)) = (self.wait, acked, &route) {
+            if acked < i64::from(wait.replicas) {
+                // The record is written on the primary; the filter retries this complete
+                // with the same token (idempotent) until it is acknowledged.
+                return Err(StoreError::WaitShortfall {
+                    call: "complete",
+                    acked,
+                    wanted: wait.replicas,
+                    timeout_ms: wait.timeout_ms(),
+                });
+            }
+        }
         let outcome = if route.is_some() {
             CompleteOutcome::Completed
         } else {
@@ -368,6 +481,15 @@ pub const MAX_LATE_CLAIMS: usize = 1024;
 
 static LATE_CLAIMS: LazyLock<std::sync::Arc<tokio::sync::Semaphore>> =
     LazyLock::new(|| std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LATE_CLAIMS)));
+
+/// `EVALSHA <sha1 of script> 1 key`; the caller adds the ARGV. (`Script::invoke_async`
+/// cannot be pipelined with `WAIT`; [`Store::eval_maybe_wait`] loads the script on
+/// `NOSCRIPT` as it does.)
+fn evalsha(script: &Script, key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(1).arg(key);
+    cmd
+}
 
 /// A fresh fencing token: 128 random bits as 32 lowercase hex digits.
 pub fn new_fencing_token() -> String {
