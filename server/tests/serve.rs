@@ -22,6 +22,7 @@ fn args(redis_port: u16, store_port: u16, admin_port: u16) -> ServeArgs {
         admin_token_file: None,
         dashboard_dir: None,
         admin_token: Some(TOKEN.into()),
+        failover: Default::default(),
     }
 }
 

@@ -37,6 +37,7 @@ pub mod envoy;
 pub mod http;
 pub mod process;
 pub mod redis;
+pub mod sentinel;
 pub mod stack;
 pub mod traffic;
 pub mod upstream;
@@ -46,6 +47,7 @@ pub use cluster::RedisCluster;
 pub use envoy::EnvoyTemplate;
 pub use http::{Client, Reply, RequestBuilder};
 pub use redis::RedisValue;
+pub use sentinel::ReplicatedRedis;
 pub use stack::{
     demo_filter_config, free_port, wait_until, Component, FixedPorts, Stack, StackOptions,
     StackPorts,

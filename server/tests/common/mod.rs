@@ -345,18 +345,32 @@ impl Server {
 
     /// As [`Server::start`]; with `cluster` the URL lists a Redis Cluster's seed nodes.
     pub async fn start_with(redis_url: &str, cluster: bool) -> Self {
+        let mut args = Self::args(redis_url);
+        args.redis_cluster = cluster;
+        args.redis_timeout_ms = if cluster { 1000 } else { 500 };
+        Self::start_from(args).await
+    }
+
+    /// The flags of [`Server::start`] on free ports, to adjust before [`Server::start_from`].
+    pub fn args(redis_url: &str) -> idemgate_server::ServeArgs {
         let (store_port, admin_port) = (free_port(), free_port());
-        let args = idemgate_server::ServeArgs {
+        idemgate_server::ServeArgs {
             redis_url: redis_url.to_owned(),
             store_listen: format!("127.0.0.1:{store_port}").parse().unwrap(),
             admin_listen: format!("127.0.0.1:{admin_port}").parse().unwrap(),
-            redis_timeout_ms: if cluster { 1000 } else { 500 },
+            redis_timeout_ms: 500,
             key_prefix: "live".into(),
-            redis_cluster: cluster,
+            redis_cluster: false,
             admin_token_file: None,
             dashboard_dir: None,
             admin_token: Some(TOKEN.into()),
-        };
+            failover: Default::default(),
+        }
+    }
+
+    /// A server with these flags, ready (its Redis answers `PING`).
+    pub async fn start_from(args: idemgate_server::ServeArgs) -> Self {
+        let (store_port, admin_port) = (args.store_listen.port(), args.admin_listen.port());
         let config = args.validate().unwrap();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(idemgate_server::serve(config, async {
