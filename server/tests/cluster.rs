@@ -223,3 +223,69 @@ async fn store_admin_and_events_run_unchanged_on_a_cluster() {
 
     assert!(server.stop().await < Duration::from_secs(5));
 }
+
+/// `--redis-wait-replicas` on a cluster: the script and WAIT go to each key's master as
+/// one pipeline. This cluster has no replicas, so every claim is acknowledged by none: it
+/// is undone on its own node (the key is free again) and answers 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_goes_to_each_keys_master_on_a_cluster() {
+    let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
+    let mut args = Server::args(&cluster.url());
+    args.redis_cluster = true;
+    args.redis_timeout_ms = 1000;
+    args.failover.redis_wait_replicas = 1;
+    args.failover.redis_wait_timeout_ms = 20;
+    let waiting = Server::start_from(args).await;
+    let plain = Server::start_with(&cluster.url(), true).await;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let s = scope("cluster-wait");
+    let n = 12;
+    for i in 0..n {
+        let body = claim_body(&s, &format!("w-{i}"), &fp("w"), 60_000);
+        let r = http
+            .post(format!("{}/v1/claim", waiting.store))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503, "{:?}", r.text().await);
+    }
+    let metrics = http
+        .get(format!("{}/metrics", waiting.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "idemgate_redis_wait_shortfalls_total{{call=\"claim\"}} {n}"
+        )),
+        "{metrics}"
+    );
+    // Every refused claim was undone on its own node: the keys are free.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for i in 0..n {
+        let body = claim_body(&s, &format!("w-{i}"), &fp("w"), 60_000);
+        loop {
+            let r: ClaimOutcome = http
+                .post(format!("{}/v1/claim", plain.store))
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if matches!(r, ClaimOutcome::Acquired { .. }) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "w-{i} still held: {r:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}

@@ -149,6 +149,51 @@ async fn with_wait_an_unacknowledged_claim_is_refused_and_an_acknowledged_one_su
     );
     eprintln!("a claim the replica did not acknowledge was refused in {refused_in:?}");
 
+    // A complete the replica does not acknowledge answers 503 (the record is written on
+    // the primary); the filter's retry with the same token lands once the replica is back.
+    let token = loop {
+        let (status, body) = claim(&http, &waiting, &s, "completed").await;
+        if status == 200 {
+            assert_eq!(body["outcome"], "acquired", "{body}");
+            break body["fencing_token"].as_str().unwrap().to_owned();
+        }
+        // The resumed replica is still catching up.
+        assert!(refused_at.elapsed() < Duration::from_secs(10), "{body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let complete = serde_json::json!({
+        "record": {"scope": s, "key": "completed"},
+        "fencing_token": token,
+        "status": 201,
+        "response": {"status": 201, "headers": [], "body": "e30="},
+        "ttl_s": 600
+    });
+    let send_complete = || {
+        http.post(format!("{}/v1/complete", waiting.store))
+            .json(&complete)
+            .send()
+    };
+    redis.pause_replica(true).unwrap();
+    let r = send_complete().await.unwrap();
+    redis.pause_replica(false).unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(metrics(&http, &waiting)
+        .await
+        .contains("idemgate_redis_wait_shortfalls_total{call=\"complete\"} 1"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = send_complete().await.unwrap();
+        if r.status() == 200 {
+            assert_eq!(r.json::<Value>().await.unwrap()["outcome"], "completed");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the retried complete never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     // Acknowledged: the replica has it before the answer, so killing the primary right
     // after the answer loses nothing.
     let deadline = Instant::now() + Duration::from_secs(10);
