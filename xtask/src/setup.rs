@@ -15,7 +15,7 @@ pub const ENVOY_VERSION: &str = "1.40.0";
 /// Rust targets the workspace builds for.
 pub const WASM_TARGETS: [&str; 2] = ["wasm32-wasip1", "wasm32-unknown-unknown"];
 
-/// Install the Rust wasm targets, Envoy, redis-server, wasm-bindgen-cli (the version in
+/// Install the Rust wasm targets, Envoy, redis-server, redis-sentinel, wasm-bindgen-cli (the version in
 /// Cargo.lock, into .tools/bin) and Chromium with chromedriver when missing.
 #[derive(Debug, clap::Args)]
 pub struct Args {}
@@ -28,6 +28,7 @@ pub fn run_setup() -> Result<()> {
     wasm_targets()?;
     envoy()?;
     redis_server()?;
+    redis_sentinel();
     wasm_bindgen_cli()?;
     chromium();
     Ok(())
@@ -158,6 +159,28 @@ fn redis_server() -> Result<PathBuf> {
             Ok(bin)
         }
         None => bail!("setup: apt-get installed redis-server but it is not on PATH; {by_hand}"),
+    }
+}
+
+/// Debian's `redis-sentinel` for the failover test. Not fatal: without it the test runs
+/// `redis-server --sentinel`, the same program.
+fn redis_sentinel() {
+    if let Some(bin) = idemgate_e2e::bins::find_on_path("redis-sentinel") {
+        println!(
+            "setup: redis-sentinel already installed ({})",
+            bin.display()
+        );
+        return;
+    }
+    if !can_apt() {
+        println!("setup: redis-sentinel is not on PATH and apt-get cannot be used here; the failover test runs `redis-server --sentinel` instead");
+        return;
+    }
+    match apt_install(&["redis-sentinel"]) {
+        Ok(()) => println!("setup: redis-sentinel installed"),
+        Err(err) => println!(
+            "setup: installing redis-sentinel failed ({err:#}); the failover test runs `redis-server --sentinel` instead"
+        ),
     }
 }
 
