@@ -122,6 +122,37 @@ pub fn validate_key(key: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Longest accepted [`ClaimRequest::lock_ttl_ms`]: one day.
+pub const MAX_LOCK_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+/// Longest accepted `ttl_s` of a completed or refused record: 365 days.
+pub const MAX_TTL_S: u64 = 365 * 24 * 60 * 60;
+
+fn check_token(token: &str) -> Result<(), String> {
+    if is_lower_hex(token, 32) {
+        Ok(())
+    } else {
+        Err("fencing_token must be 32 lowercase hex digits, as returned by claim".into())
+    }
+}
+
+fn check_status(status: u16, field: &str) -> Result<(), String> {
+    if (100..=599).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{field} must be an HTTP status code (100..=599), got {status}"
+        ))
+    }
+}
+
+fn check_range(value: u64, max: u64, field: &str) -> Result<(), String> {
+    if (1..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(format!("{field} must be 1..={max}, got {value}"))
+    }
+}
+
 /// `POST /v1/claim`: try to become the one execution of a request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -155,6 +186,32 @@ pub struct ClaimRequest {
     /// a completed, not replayable record).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unknown_outcome: Option<UnknownOutcomePolicy>,
+}
+
+impl ClaimRequest {
+    /// Checks what serde cannot: the rules the store API enforces before a claim reaches
+    /// Redis (the server answers 400 with the reason).
+    ///
+    /// # Errors
+    /// A human-readable reason: a bad [`RecordId`], a fingerprint that is not 64
+    /// lowercase hex digits, `lock_ttl_ms` outside 1..=[`MAX_LOCK_TTL_MS`], a fencing
+    /// token that is not 32 lowercase hex digits, or an [`UnknownOutcomePolicy`] with
+    /// `hold_s` outside 1..=[`MAX_UNKNOWN_HOLD_S`] or `ttl_s` outside 1..=[`MAX_TTL_S`].
+    pub fn validate(&self) -> Result<(), String> {
+        self.record.validate()?;
+        if !is_lower_hex(&self.fingerprint, 64) {
+            return Err("fingerprint must be 64 lowercase hex digits".into());
+        }
+        check_range(self.lock_ttl_ms, MAX_LOCK_TTL_MS, "lock_ttl_ms")?;
+        if let Some(token) = &self.fencing_token {
+            check_token(token)?;
+        }
+        if let Some(p) = &self.unknown_outcome {
+            check_range(p.hold_s, MAX_UNKNOWN_HOLD_S, "unknown_outcome.hold_s")?;
+            check_range(p.ttl_s, MAX_TTL_S, "unknown_outcome.ttl_s")?;
+        }
+        Ok(())
+    }
 }
 
 /// Longest accepted `unknown_outcome.hold_s`: one day.
@@ -274,6 +331,36 @@ pub struct CompleteRequest {
     pub outcome_unknown: bool,
 }
 
+impl CompleteRequest {
+    /// Checks the rules the store API enforces before a complete reaches Redis; returns
+    /// the completed record's TTL in milliseconds.
+    ///
+    /// # Errors
+    /// A human-readable reason: a bad [`RecordId`] or fencing token, `status` outside
+    /// 100..=599 or unlike `response.status`, `outcome_unknown` with a response, or
+    /// `ttl_s` outside 1..=[`MAX_TTL_S`].
+    pub fn validate(&self) -> Result<u64, String> {
+        self.record.validate()?;
+        check_token(&self.fencing_token)?;
+        check_status(self.status, "status")?;
+        if self.outcome_unknown && self.response.is_some() {
+            return Err(
+                "outcome_unknown needs response null: an unknown outcome has no response".into(),
+            );
+        }
+        if let Some(resp) = &self.response {
+            if resp.status != self.status {
+                return Err(format!(
+                    "response.status ({}) differs from status ({})",
+                    resp.status, self.status
+                ));
+            }
+        }
+        check_range(self.ttl_s, MAX_TTL_S, "ttl_s")?;
+        Ok(self.ttl_s * 1000)
+    }
+}
+
 /// The store's answer to a complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
@@ -296,6 +383,22 @@ pub struct ReleaseRequest {
     pub fencing_token: String,
     /// The upstream's status code that made the filter release (for events), if any.
     pub status: Option<u16>,
+}
+
+impl ReleaseRequest {
+    /// Checks the rules the store API enforces before a release reaches Redis.
+    ///
+    /// # Errors
+    /// A human-readable reason: a bad [`RecordId`] or fencing token, or a `status`
+    /// outside 100..=599.
+    pub fn validate(&self) -> Result<(), String> {
+        self.record.validate()?;
+        check_token(&self.fencing_token)?;
+        if let Some(status) = self.status {
+            check_status(status, "status")?;
+        }
+        Ok(())
+    }
 }
 
 /// The store's answer to a release.

@@ -11,12 +11,13 @@
 //! Redis errors, calls slower than `--redis-timeout-ms` and, with `--redis-wait-replicas`,
 //! claims and completes too few replicas acknowledged answer 503 `StoreUnavailable`.
 //!
-//! Validation rules (server side, on top of serde):
+//! Validation rules (server side, on top of serde; `ClaimRequest::validate` and its
+//! siblings in `idemgate_protocol`, so the fuzz targets reach them without the server):
 //! - `record`: [`idemgate_protocol::RecordId::validate`].
 //! - `fingerprint`: 64 lowercase hex digits (a SHA-256, see `idemgate_protocol::fingerprint`).
 //! - `lock_ttl_ms`: 1..=[`MAX_LOCK_TTL_MS`].
 //! - `fencing_token` (claim, optional): 32 lowercase hex digits.
-//! - `unknown_outcome` (claim, optional): `hold_s` 1..=[`MAX_UNKNOWN_HOLD_S`], `ttl_s`
+//! - `unknown_outcome` (claim, optional): `hold_s` 1..=[`idemgate_protocol::MAX_UNKNOWN_HOLD_S`], `ttl_s`
 //!   1..=[`MAX_TTL_S`].
 //! - `outcome_unknown` (complete): only with `response` null.
 //! - `ttl_s`: 1..=[`MAX_TTL_S`].
@@ -34,8 +35,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use idemgate_protocol::admin::{Event, EventKind, FilterReport, ReportKind};
 use idemgate_protocol::{
-    is_lower_hex, ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId,
-    ReleaseOutcome, ReleaseRequest, MAX_UNKNOWN_HOLD_S,
+    ClaimOutcome, ClaimRequest, CompleteOutcome, CompleteRequest, RecordId, ReleaseOutcome,
+    ReleaseRequest,
 };
 use serde::de::DeserializeOwned;
 
@@ -44,10 +45,7 @@ use crate::events::event;
 use crate::store::StoreError;
 use crate::AppState;
 
-/// Longest accepted `lock_ttl_ms`: one day.
-pub const MAX_LOCK_TTL_MS: u64 = 24 * 60 * 60 * 1000;
-/// Longest accepted `ttl_s` of a completed record: 365 days.
-pub const MAX_TTL_S: u64 = 365 * 24 * 60 * 60;
+pub use idemgate_protocol::{MAX_LOCK_TTL_MS, MAX_TTL_S};
 /// Largest store API request body, in bytes (stored responses can be big): 16 MiB.
 pub const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 
@@ -58,93 +56,17 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
         .map_err(|e| AppError::BadStoreCall(format!("the body is not a valid store call: {e}")))
 }
 
-fn check_token(token: &str) -> Result<(), AppError> {
-    if is_lower_hex(token, 32) {
-        Ok(())
-    } else {
-        Err(AppError::BadStoreCall(
-            "fencing_token must be 32 lowercase hex digits, as returned by claim".into(),
-        ))
-    }
-}
-
-fn check_status(status: u16, field: &str) -> Result<(), AppError> {
-    if (100..=599).contains(&status) {
-        Ok(())
-    } else {
-        Err(AppError::BadStoreCall(format!(
-            "{field} must be an HTTP status code (100..=599), got {status}"
-        )))
-    }
-}
-
 fn validate_claim(req: &ClaimRequest) -> Result<(), AppError> {
-    req.record.validate().map_err(AppError::BadStoreCall)?;
-    if !is_lower_hex(&req.fingerprint, 64) {
-        return Err(AppError::BadStoreCall(
-            "fingerprint must be 64 lowercase hex digits".into(),
-        ));
-    }
-    if !(1..=MAX_LOCK_TTL_MS).contains(&req.lock_ttl_ms) {
-        return Err(AppError::BadStoreCall(format!(
-            "lock_ttl_ms must be 1..={MAX_LOCK_TTL_MS}, got {}",
-            req.lock_ttl_ms
-        )));
-    }
-    if let Some(token) = &req.fencing_token {
-        check_token(token)?;
-    }
-    if let Some(p) = &req.unknown_outcome {
-        if !(1..=MAX_UNKNOWN_HOLD_S).contains(&p.hold_s) {
-            return Err(AppError::BadStoreCall(format!(
-                "unknown_outcome.hold_s must be 1..={MAX_UNKNOWN_HOLD_S}, got {}",
-                p.hold_s
-            )));
-        }
-        if !(1..=MAX_TTL_S).contains(&p.ttl_s) {
-            return Err(AppError::BadStoreCall(format!(
-                "unknown_outcome.ttl_s must be 1..={MAX_TTL_S}, got {}",
-                p.ttl_s
-            )));
-        }
-    }
-    Ok(())
+    req.validate().map_err(AppError::BadStoreCall)
 }
 
 /// Validates a complete call and returns the completed record's TTL in milliseconds.
 fn validate_complete(req: &CompleteRequest) -> Result<u64, AppError> {
-    req.record.validate().map_err(AppError::BadStoreCall)?;
-    check_token(&req.fencing_token)?;
-    check_status(req.status, "status")?;
-    if req.outcome_unknown && req.response.is_some() {
-        return Err(AppError::BadStoreCall(
-            "outcome_unknown needs response null: an unknown outcome has no response".into(),
-        ));
-    }
-    if let Some(resp) = &req.response {
-        if resp.status != req.status {
-            return Err(AppError::BadStoreCall(format!(
-                "response.status ({}) differs from status ({})",
-                resp.status, req.status
-            )));
-        }
-    }
-    if !(1..=MAX_TTL_S).contains(&req.ttl_s) {
-        return Err(AppError::BadStoreCall(format!(
-            "ttl_s must be 1..={MAX_TTL_S}, got {}",
-            req.ttl_s
-        )));
-    }
-    Ok(req.ttl_s * 1000)
+    req.validate().map_err(AppError::BadStoreCall)
 }
 
 fn validate_release(req: &ReleaseRequest) -> Result<(), AppError> {
-    req.record.validate().map_err(AppError::BadStoreCall)?;
-    check_token(&req.fencing_token)?;
-    if let Some(status) = req.status {
-        check_status(status, "status")?;
-    }
-    Ok(())
+    req.validate().map_err(AppError::BadStoreCall)
 }
 
 /// Runs one store call: its latency and outcome go to the metrics, and its event, built by
