@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -40,6 +41,10 @@ enum Task {
     /// Measure the filter's cost A/B in one run: the same Envoy with and without it, under
     /// wrk, for pass-through GETs, new keys and replays; checks the targets.
     Bench(bench::Args),
+    /// Build the fuzz targets in fuzz/ on nightly (installed when missing) and run each for
+    /// --seconds (default 30) from its committed seeds; fails on any crash, warns and
+    /// succeeds when nightly or the fuzz tooling cannot be installed.
+    Fuzz(fuzz::Args),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +55,7 @@ fn main() -> ExitCode {
         Task::Test(args) => test::run(&args),
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
+        Task::Fuzz(args) => fuzz::run(&args),
     };
     match result {
         Ok(code) => code,
