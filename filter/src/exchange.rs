@@ -1211,6 +1211,24 @@ impl Exchange {
                 return;
             }
         };
+        let outcome = match outcome {
+            // A stored status Envoy cannot send (the server refuses one when storing, but
+            // Redis may hold a record another writer made): the request did complete, so
+            // it must not run again, and it cannot be replayed.
+            ClaimOutcome::Replay { response } if !(100..=599).contains(&response.status) => {
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "idemgate: the stored response of key {:?} has status {}, which cannot be replayed; answering not-replayable",
+                        record.key, response.status
+                    ),
+                );
+                ClaimOutcome::NotReplayable {
+                    status: response.status,
+                }
+            }
+            o => o,
+        };
         let key = &record.key;
         match outcome {
             ClaimOutcome::Acquired { fencing_token } => {

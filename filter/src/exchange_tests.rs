@@ -486,6 +486,37 @@ fn mismatch_gets_422_and_not_replayable_gets_409_of_its_own_type() {
     );
 }
 
+/// Found by the `filter_store_reply` fuzz target: a replay whose stored status Envoy
+/// cannot send (699, 0) went to `send_http_response` as it was.
+#[test]
+fn a_replay_with_an_impossible_status_is_not_replayable_and_never_executes() {
+    for status in [0, 99, 600, 699, u16::MAX] {
+        let host = payment("k1");
+        answered(
+            &host,
+            ClaimOutcome::Replay {
+                response: StoredResponse {
+                    status,
+                    headers: vec![],
+                    body: b"{}".to_vec(),
+                },
+            },
+        );
+        let (reply, _, body) = host.last_reply();
+        assert_eq!(
+            (reply, body["type"].as_str()),
+            (409, Some("urn:idemgate:problem:not-replayable")),
+            "stored status {status}"
+        );
+        assert!(!host.effects().contains(&Effect::ResumeRequest));
+        assert_eq!(
+            host.store_calls(),
+            1,
+            "no release, no retry: the record is complete"
+        );
+    }
+}
+
 #[test]
 fn key_errors_are_400_and_never_reach_the_store() {
     let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
