@@ -128,6 +128,8 @@ fn tooling() -> Result<()> {
             "nightly",
             "--profile",
             "minimal",
+            // Never replace the machine's rustup as a side effect.
+            "--no-self-update",
         ]))
         .context("rustup is not available")?;
         if !st.success() {
