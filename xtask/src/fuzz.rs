@@ -64,7 +64,7 @@ pub fn run(args: &Args) -> Result<ExitCode> {
     let triple = host_triple()?;
     let mut build = nightly_cargo(&fuzz);
     build
-        .args(["build", "--release", "--locked", "--bins", "--target"])
+        .args(["build", "--release", "--bins", "--target"])
         .arg(&triple)
         .env("RUSTFLAGS", RUSTFLAGS);
     let st = status(&mut build)?;
@@ -141,7 +141,7 @@ fn tooling() -> Result<()> {
         bail!("no C++ compiler ({cxx}) to build libFuzzer; install g++");
     }
     let mut fetch = nightly_cargo(&root().join("fuzz"));
-    fetch.args(["fetch", "--locked"]);
+    fetch.arg("fetch");
     let st = status(&mut fetch)?;
     if !st.success() {
         bail!("`{}` failed ({st})", display(&fetch));
