@@ -25,7 +25,8 @@
 --                                             ran (the client left); nothing written
 --   {'mismatch'}                              record has another fingerprint
 --   {'replay', status, headers_json, body}    completed + same fingerprint + replayable;
---                                             replays += 1, last_replay_ms = now
+--                                             replays += 1, last_replay_ms = now (not
+--                                             counted when Redis' memory is full)
 --   {'not_replayable', status}                completed + same fingerprint, not stored
 --   {'corrupt', state}                        unknown state; nothing written
 --
@@ -45,8 +46,19 @@ local rec = redis.call('HMGET', KEYS[1], 'state', 'fp', 'replayable', 'status', 
   'lock_expires_ms', 'created_ms', 'unknown_until_ms', 'after', 'hold_ms')
 local state = rec[1]
 
+-- Memory: the first write of a script decides whether Redis refuses it when memory is
+-- full ('noeviction' with maxmemory reached): a denyoom command (HSET, HINCRBY) as the
+-- first write is refused with an OOM error and nothing is written; after any write, every
+-- later command runs, past maxmemory. So acquire() writes with HSET first (a full Redis
+-- refuses the claim cleanly, and a record it replaces is kept) and only then removes the
+-- fields an older record left; a replay counts with pcall so a full Redis still replays.
+local new_fields = {
+  state = true, token = true, fp = true, route = true, method = true, path = true,
+  created_ms = true, lock_expires_ms = true, after = true, hold_ms = true,
+  refuse_ttl_ms = true,
+}
+
 local function acquire()
-  redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1],
     'state', 'in_flight',
     'token', ARGV[1],
@@ -59,6 +71,15 @@ local function acquire()
     'after', after,
     'hold_ms', string.format('%.0f', hold_ms),
     'refuse_ttl_ms', string.format('%.0f', refuse_ttl_ms))
+  if state then
+    -- Replacing a record (a tombstone, an unknown outcome whose hold is over): drop what
+    -- it had that a new claim does not write.
+    for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do
+      if not new_fields[field] then
+        redis.call('HDEL', KEYS[1], field)
+      end
+    end
+  end
   local life_ms = lock_ttl_ms
   if after == 'reexecute' then
     life_ms = lock_ttl_ms + hold_ms
@@ -122,8 +143,9 @@ if state == 'completed' then
   if rec[3] ~= '1' then
     return {'not_replayable', status}
   end
-  redis.call('HINCRBY', KEYS[1], 'replays', 1)
-  redis.call('HSET', KEYS[1], 'last_replay_ms', string.format('%.0f', now_ms))
+  -- Bookkeeping only: with memory full these writes are refused, the replay is not.
+  redis.pcall('HINCRBY', KEYS[1], 'replays', 1)
+  redis.pcall('HSET', KEYS[1], 'last_replay_ms', string.format('%.0f', now_ms))
   local resp = redis.call('HMGET', KEYS[1], 'headers', 'body')
   return {'replay', status, resp[1] or '', resp[2] or ''}
 end

@@ -19,6 +19,9 @@
 --   - completed or unknown with this token: nothing written, {'completed', route} again
 --     (a complete retried after its reply was lost).
 --   - anything else (another token, absent, a release tombstone): {'lock_lost'}.
+-- Memory: the first write is HSET, so when Redis' memory is full ('noeviction' with
+-- maxmemory reached) it refuses the complete with an OOM error and writes nothing; the
+-- record stays in flight and the caller retries.
 local rec = redis.call('HMGET', KEYS[1], 'state', 'token', 'route', 'after', 'hold_ms',
   'refuse_ttl_ms')
 local state = rec[1]

@@ -24,6 +24,9 @@ if state == 'in_flight' and rec[2] == ARGV[1] then
 elseif state and not (state == 'released' and rec[2] == ARGV[1]) then
   return {'lock_lost'}
 end
+-- DEL first on purpose: it is not refused when Redis' memory is full, and after it the
+-- small tombstone is written too (a script that wrote runs to its end), so a release
+-- still frees its key under 'noeviction' with maxmemory reached; memory only shrinks.
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'state', 'released', 'token', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))

@@ -34,6 +34,7 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    extra_args: Vec<String>,
 }
 
 impl RedisServer {
@@ -44,11 +45,18 @@ impl RedisServer {
 
     /// Starts on `port` and waits until PING answers.
     pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    /// Starts on `port` with extra redis-server arguments after the defaults (they win:
+    /// `--appendonly yes`, `--maxmemory-policy allkeys-lru`, ...); kept for restarts.
+    pub fn start_with(port: u16, extra_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut server = Self {
             port,
             dir,
             child: None,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
         };
         server.restart();
         server
@@ -71,6 +79,7 @@ impl RedisServer {
             .arg("--dir")
             .arg(self.dir.path())
             .args(["--save", "", "--appendonly", "no"])
+            .args(&self.extra_args)
             .arg("--logfile")
             .arg(self.log_path())
             .stdin(Stdio::null())
