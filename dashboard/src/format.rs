@@ -138,7 +138,7 @@ pub fn stream_id_cmp(a: &str, b: &str) -> Ordering {
 }
 
 /// Every event kind, in the order the Events page lists its filters.
-pub const ALL_KINDS: [EventKind; 15] = [
+pub const ALL_KINDS: [EventKind; 17] = [
     EventKind::Claimed,
     EventKind::Completed,
     EventKind::Replayed,
@@ -154,6 +154,8 @@ pub const ALL_KINDS: [EventKind; 15] = [
     EventKind::StoreError,
     EventKind::Rejected,
     EventKind::FailOpen,
+    EventKind::RedisUnsafe,
+    EventKind::RedisRestarted,
 ];
 
 /// The wire name of an event kind (`in_flight_conflict`), also the SSE `event:` name.
@@ -182,6 +184,8 @@ pub fn kind_label(kind: EventKind) -> &'static str {
         EventKind::StoreError => "store error",
         EventKind::Rejected => "rejected",
         EventKind::FailOpen => "fail-open",
+        EventKind::RedisUnsafe => "redis unsafe",
+        EventKind::RedisRestarted => "redis restarted",
     }
 }
 
@@ -196,11 +200,13 @@ pub fn kind_tone(kind: EventKind) -> &'static str {
         | EventKind::NotReplayable
         | EventKind::Rejected
         | EventKind::Purged
-        | EventKind::LockReleased => "warn",
+        | EventKind::LockReleased
+        | EventKind::RedisRestarted => "warn",
         EventKind::LockLost
         | EventKind::StoreError
         | EventKind::FailOpen
-        | EventKind::OutcomeUnknown => "bad",
+        | EventKind::OutcomeUnknown
+        | EventKind::RedisUnsafe => "bad",
     }
 }
 

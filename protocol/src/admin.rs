@@ -217,6 +217,12 @@ pub enum EventKind {
     Rejected,
     /// The filter forwarded a request unprotected because the store failed (fail-open).
     FailOpen,
+    /// The server found a Redis setting that breaks the guarantee: an evicting
+    /// `maxmemory-policy` with a memory limit (`detail` names the node and the setting).
+    RedisUnsafe,
+    /// A Redis node's `run_id` changed: it restarted or another node took its place
+    /// (failover). What it had not persisted is gone.
+    RedisRestarted,
 }
 
 /// One live event. Its `id` is the Redis Stream entry id (`<ms>-<seq>`), usable as SSE
@@ -361,6 +367,87 @@ pub struct Health {
     pub redis_latency_ms: Option<f64>,
     /// Server version.
     pub version: String,
+    /// The last check of the Redis settings the guarantee depends on; absent before the
+    /// first check answered (or from an older server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_safety: Option<RedisSafety>,
+}
+
+/// Result of one safety check, from best to worst as the server ranks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SafetyLevel {
+    /// The setting keeps the promise.
+    Ok,
+    /// The setting could not be read (`CONFIG` disabled or renamed, as on managed Redis):
+    /// nothing is assumed.
+    CannotVerify,
+    /// The setting weakens the promise (no persistence: a restart forgets records).
+    Warning,
+    /// The setting breaks the promise (records can be evicted).
+    Unsafe,
+}
+
+/// How a Redis node persists its data, from `appendonly` and `save`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Persistence {
+    /// Append-only file (`appendonly yes`).
+    Aof,
+    /// Only RDB snapshots (`save` set, `appendonly no`): a restart loses the writes since
+    /// the last snapshot.
+    Rdb,
+    /// None (`appendonly no`, `save ""`): a restart loses every record.
+    None,
+}
+
+/// What one Redis node (a master) reported. `None` fields could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedisNodeSafety {
+    /// `host:port` of the node.
+    pub node: String,
+    /// `maxmemory`, bytes (0: no limit).
+    pub maxmemory_bytes: Option<u64>,
+    /// `maxmemory-policy`, e.g. `noeviction`.
+    pub maxmemory_policy: Option<String>,
+    /// `appendonly` is `yes`.
+    pub appendonly: Option<bool>,
+    /// `appendfsync`: `always`, `everysec` or `no`.
+    pub appendfsync: Option<String>,
+    /// `save` (the RDB snapshot schedule, `""` for none).
+    pub save: Option<String>,
+    /// Persistence derived from `appendonly` and `save`.
+    pub persistence: Option<Persistence>,
+    /// Replication role from `INFO replication` (`master` or `slave`).
+    pub role: Option<String>,
+    /// `run_id` from `INFO server`: changes on every restart.
+    pub run_id: Option<String>,
+    /// Eviction check of this node.
+    pub eviction: SafetyLevel,
+    /// Persistence check of this node.
+    pub persistence_check: SafetyLevel,
+}
+
+/// The server's view of whether Redis can keep the promise (`GET /api/health`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedisSafety {
+    /// The worst of the checks below.
+    pub status: SafetyLevel,
+    /// Eviction: `unsafe` when a node evicts (`allkeys-*` or `volatile-*` with
+    /// `maxmemory` > 0; every record has a TTL, so `volatile-*` evicts records too).
+    pub eviction: SafetyLevel,
+    /// Persistence: `warning` without AOF (snapshots only, or nothing).
+    pub persistence: SafetyLevel,
+    /// Whether the server was started with `--allow-evicting-redis`.
+    pub evicting_allowed: bool,
+    /// One line per problem, naming the node, the setting and the fix.
+    pub messages: Vec<String>,
+    /// Per node (every master of a cluster).
+    pub nodes: Vec<RedisNodeSafety>,
+    /// Restarts or failovers seen by this server (`run_id` changes).
+    pub restarts: u64,
+    /// When this check ran.
+    pub checked_ms: u64,
 }
 
 /// replays / (replays + executions), `None` when both are 0.

@@ -64,7 +64,8 @@ pub async fn index() -> Html<&'static str> {
 }
 
 /// `GET /api/health`: always 200 with [`Health`] (`redis` is `up` when a PING answered
-/// within `--redis-timeout-ms`, with its round trip in ms).
+/// within `--redis-timeout-ms`, with its round trip in ms; `redis_safety` is the latest
+/// settings check, see [`crate::safety`]).
 pub async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
     let started = Instant::now();
     let up = state.store.ping().await.is_ok();
@@ -72,6 +73,7 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Json<Health> {
         redis: if up { "up" } else { "down" }.to_owned(),
         redis_latency_ms: up.then(|| started.elapsed().as_secs_f64() * 1000.0),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        redis_safety: state.safety.current(),
     })
 }
 

@@ -114,6 +114,9 @@ pub struct ServeArgs {
     /// Sentinel and WAIT: claims that survive a primary failover.
     #[command(flatten)]
     pub failover: FailoverArgs,
+    /// The Redis safety checks (`--allow-evicting-redis`, `--redis-check-interval-s`).
+    #[command(flatten)]
+    pub safety: crate::safety::SafetyArgs,
 }
 
 /// Flags for a replicated Redis: Sentinel discovery and `WAIT` after writes.
@@ -212,6 +215,8 @@ pub struct Config {
     pub dashboard_dir: Option<std::path::PathBuf>,
     /// `WAIT` after claims and completes; `None` when `--redis-wait-replicas` is 0.
     pub wait: Option<crate::store::WaitPolicy>,
+    /// The Redis safety checks.
+    pub safety: crate::safety::SafetyConfig,
 }
 
 /// Why a configuration was refused at start.
@@ -253,6 +258,9 @@ pub enum ConfigError {
         "--dashboard-dir / IDEMGATE_DASHBOARD_DIR {0:?} is not a directory holding index.html"
     )]
     DashboardDir(std::path::PathBuf),
+    /// A Redis safety flag out of range.
+    #[error("{0}")]
+    Safety(String),
 }
 
 impl ServeArgs {
@@ -329,7 +337,9 @@ impl ServeArgs {
                 return Err(ConfigError::DashboardDir(dir.clone()));
             }
         }
+        let safety = self.safety.validate().map_err(ConfigError::Safety)?;
         Ok(Config {
+            safety,
             redis,
             redis_url_redacted: redacted,
             store_listen: self.store_listen,
@@ -496,6 +506,7 @@ mod tests {
             dashboard_dir: None,
             admin_token: None,
             failover: FailoverArgs::default(),
+            safety: Default::default(),
         }
     }
 

@@ -92,6 +92,8 @@ pub fn counters_of(e: &Event) -> Vec<(Counter, u64)> {
         EventKind::StoreError => vec![(Counter::StoreErrors, 1)],
         EventKind::Rejected => vec![(Counter::Rejections, 1)],
         EventKind::FailOpen => vec![(Counter::FailOpenPasses, 1)],
+        // About Redis itself, not requests: counted in `/metrics`, not in the stats.
+        EventKind::RedisUnsafe | EventKind::RedisRestarted => Vec::new(),
     }
 }
 

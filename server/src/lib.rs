@@ -38,6 +38,7 @@ pub mod expiry;
 pub mod keys;
 pub mod metrics;
 pub mod openapi;
+pub mod safety;
 pub mod stats;
 pub mod store;
 
@@ -76,6 +77,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Directory of the built dashboard, if any.
     pub dashboard_dir: Option<std::path::PathBuf>,
+    /// The latest Redis safety report ([`safety`]).
+    pub safety: Arc<safety::Safety>,
 }
 
 impl AppState {
@@ -98,6 +101,7 @@ impl AppState {
             hub,
             shutdown,
             dashboard_dir: None,
+            safety: Arc::default(),
         }))
     }
 
@@ -214,6 +218,10 @@ pub enum ServeError {
     /// The metrics registry refused a definition (a programming error).
     #[error("metrics: {0}")]
     Metrics(String),
+    /// Redis evicts keys and `--allow-evicting-redis` is not set (the message names the
+    /// node, the setting and the fix).
+    #[error("{0}")]
+    UnsafeRedis(String),
     /// A listener failed while serving.
     #[error("{what} listener failed: {source}")]
     Serve {
@@ -227,10 +235,12 @@ pub enum ServeError {
 /// Binds both listeners, logs one line per listener when ready, and serves until
 /// `shutdown` completes; then both stop gracefully (in-flight requests finish).
 ///
-/// Redis is not contacted at start: while it is down the store API answers 503.
+/// Redis settings are checked first ([`safety::check_at_start`]); Redis that cannot be
+/// reached does not stop the start: while it is down the store API answers 503.
 ///
 /// # Errors
-/// [`ServeError`] when a listener cannot bind or fails.
+/// [`ServeError`] when a listener cannot bind or fails, or Redis evicts keys without
+/// `--allow-evicting-redis`.
 pub async fn serve(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -263,6 +273,23 @@ pub async fn serve(
              set IDEMGATE_ADMIN_TOKEN or --admin-token-file"
         );
     }
+    safety::check_at_start(
+        &store,
+        &state.safety,
+        &config.safety,
+        &state.metrics,
+        &state.events,
+    )
+    .await
+    .map_err(ServeError::UnsafeRedis)?;
+    tokio::spawn(safety::run(
+        store.clone(),
+        state.safety.clone(),
+        config.safety.clone(),
+        state.metrics.clone(),
+        state.events.clone(),
+        state.shutdown.clone(),
+    ));
     tokio::spawn(expiry::run(
         store,
         state.events.clone(),

@@ -10,10 +10,13 @@
 //! | `idemgate_events_written_total` | counter | |
 //! | `idemgate_events_dropped_total` | counter | |
 //! | `idemgate_filter_reports_total` | counter | `kind` |
+//! | `idemgate_redis_safety` | gauge | `check` (eviction, persistence, overall): 0 ok, 1 cannot verify, 2 warning, 3 unsafe ([`crate::safety`]) |
+//! | `idemgate_redis_persistence` | gauge | none; weakest over the masters: 2 AOF, 1 RDB snapshots only, 0 none, -1 cannot verify |
+//! | `idemgate_redis_restarts_total` | counter | none; `run_id` changes seen (restarts, failovers) |
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The metric handles and their registry.
@@ -35,6 +38,12 @@ pub struct Metrics {
     pub events_dropped: IntCounter,
     /// Filter reports received, by `kind`.
     pub filter_reports: IntCounterVec,
+    /// Redis safety by `check`: 0 ok, 1 cannot verify, 2 warning, 3 unsafe.
+    pub redis_safety: IntGaugeVec,
+    /// Weakest persistence over the masters: 2 AOF, 1 RDB only, 0 none, -1 cannot verify.
+    pub redis_persistence: IntGauge,
+    /// Redis `run_id` changes seen (restarts, failovers).
+    pub redis_restarts: IntCounter,
 }
 
 impl Metrics {
@@ -86,6 +95,28 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let redis_safety = IntGaugeVec::new(
+            Opts::new(
+                "idemgate_redis_safety",
+                "Redis settings check by check (eviction, persistence, overall): 0 ok, 1 cannot verify, 2 warning, 3 unsafe.",
+            ),
+            &["check"],
+        )?;
+        let redis_persistence = IntGauge::new(
+            "idemgate_redis_persistence",
+            "Weakest Redis persistence over the masters: 2 AOF, 1 RDB snapshots only, 0 none, -1 cannot verify.",
+        )?;
+        redis_persistence.set(-1);
+        for check in ["eviction", "persistence", "overall"] {
+            redis_safety.with_label_values(&[check]).set(1);
+        }
+        let redis_restarts = IntCounter::new(
+            "idemgate_redis_restarts_total",
+            "Redis run_id changes seen: restarts or failovers.",
+        )?;
+        registry.register(Box::new(redis_safety.clone()))?;
+        registry.register(Box::new(redis_persistence.clone()))?;
+        registry.register(Box::new(redis_restarts.clone()))?;
         registry.register(Box::new(store_latency.clone()))?;
         registry.register(Box::new(store_outcomes.clone()))?;
         registry.register(Box::new(redis_errors.clone()))?;
@@ -104,6 +135,9 @@ impl Metrics {
             events_written,
             events_dropped,
             filter_reports,
+            redis_safety,
+            redis_persistence,
+            redis_restarts,
         })
     }
 

@@ -23,6 +23,7 @@ fn args(redis_port: u16, store_port: u16, admin_port: u16) -> ServeArgs {
         dashboard_dir: None,
         admin_token: Some(TOKEN.into()),
         failover: Default::default(),
+        safety: Default::default(),
     }
 }
 

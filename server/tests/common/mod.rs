@@ -374,6 +374,7 @@ impl Server {
             dashboard_dir: None,
             admin_token: Some(TOKEN.into()),
             failover: Default::default(),
+            safety: Default::default(),
         }
     }
 
