@@ -123,6 +123,9 @@ pub struct StackOptions {
     pub server_args: Vec<String>,
     /// Extra environment variables for the server (`RUST_LOG` defaults to `info`).
     pub server_env: Vec<(String, String)>,
+    /// Extra arguments appended to `redis-server ...` (after the defaults, so they win),
+    /// e.g. `["--maxmemory", "64mb"]`.
+    pub redis_args: Vec<String>,
     /// The Redis URL the server uses instead of the stack's own Redis, e.g. the seeds of a
     /// [`crate::RedisCluster`] (with `--redis-cluster` in `server_args`). The stack still
     /// runs its own Redis, unused by the server.
@@ -147,6 +150,7 @@ impl Default for StackOptions {
             envoy_log_level: "info".into(),
             server_args: Vec::new(),
             server_env: Vec::new(),
+            redis_args: Vec::new(),
             server_redis_url: None,
             binaries: None,
             cancel: None,
@@ -349,7 +353,18 @@ impl Stack {
                     .arg("127.0.0.1")
                     .arg("--dir")
                     .arg(self.dir.join("redis-data"))
-                    .args(["--save", "", "--appendonly", "no", "--daemonize", "no"]);
+                    // AOF fsynced every second in the data directory, as production
+                    // Redis must run (see README "Redis"): a restart keeps the records.
+                    .args([
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "yes",
+                        "--appendfsync",
+                        "everysec",
+                    ])
+                    .args(["--daemonize", "no"])
+                    .args(&self.opts.redis_args);
                 cmd
             }
             Component::Server => {
@@ -524,7 +539,8 @@ impl Stack {
         self.procs.get_mut(&c).is_some_and(|p| p.exited().is_none())
     }
 
-    /// Stops Redis (for store outage tests). Redis keeps no data across this (`--save ''`).
+    /// Stops Redis (for store outage tests; SIGTERM, so it flushes its append-only file and
+    /// keeps its records across [`Stack::start_redis`]).
     pub fn stop_redis(&mut self) {
         self.stop(Component::Redis);
     }
