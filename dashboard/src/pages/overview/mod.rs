@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use idemgate_protocol::admin::{Counters, Health, StatsResponse, StatsWindow};
+use idemgate_protocol::admin::{
+    Counters, Health, RedisSafety, SafetyLevel, StatsResponse, StatsWindow,
+};
 use leptos::prelude::*;
 
 use crate::api::{use_api, ApiError};
@@ -128,8 +130,16 @@ fn HealthCards(health: Health) -> impl IntoView {
         .redis_latency_ms
         .map(|l| format!("{l:.1} ms"))
         .unwrap_or_else(|| "–".to_owned());
+    let (safety, tone, label, summary) = safety_summary(health.redis_safety.as_ref());
+    let messages = health
+        .redis_safety
+        .map(|s| s.messages)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| view! { <li>{m}</li> })
+        .collect_view();
     view! {
-        <div class="card stat" id="store-health" data-redis=health.redis.clone()>
+        <div class="card stat" id="store-health" data-redis=health.redis.clone() data-safety=safety>
             <span class="label">"Store (Redis)"</span>
             <span class=if up { "value ok" } else { "value bad" }>{if up { "reachable" } else { "DOWN" }}</span>
             <span class="hint">
@@ -139,8 +149,51 @@ fn HealthCards(health: Health) -> impl IntoView {
                     "Redis does not answer: requests on fail-closed routes get 503; check Redis and the server log.".to_owned()
                 }}
             </span>
+            <span class="hint" id="store-safety">
+                <span class=format!("badge tone-{tone}")>{label}</span>" "{summary}
+            </span>
+            <ul class="hint safety-messages">{messages}</ul>
         </div>
     }
+}
+
+/// The store card's safety line: (wire status, badge tone, badge label, one sentence).
+fn safety_summary(s: Option<&RedisSafety>) -> (&'static str, &'static str, &'static str, String) {
+    let Some(s) = s else {
+        return (
+            "unchecked",
+            "info",
+            "not checked yet",
+            "the server checks the Redis settings at start and every minute".to_owned(),
+        );
+    };
+    let restarts = if s.restarts > 0 {
+        format!(" · {} restart(s) or failover(s) seen", s.restarts)
+    } else {
+        String::new()
+    };
+    let (status, tone, label, text) = match s.status {
+        SafetyLevel::Ok => (
+            "ok",
+            "ok",
+            "settings ok",
+            "noeviction and AOF on every master",
+        ),
+        SafetyLevel::CannotVerify => (
+            "cannot_verify",
+            "warn",
+            "cannot verify",
+            "Redis refuses CONFIG: eviction and persistence are unknown",
+        ),
+        SafetyLevel::Warning => ("warning", "warn", "warning", "a restart can forget records"),
+        SafetyLevel::Unsafe => (
+            "unsafe",
+            "bad",
+            "unsafe",
+            "Redis can evict records: a retry may execute twice",
+        ),
+    };
+    (status, tone, label, format!("{text}{restarts}"))
 }
 
 #[component]
