@@ -71,6 +71,15 @@ pub const DEFAULT_DENY_RESPONSE_HEADERS: [&str; 8] = [
     "x-envoy-*",
 ];
 
+/// The JSON Schema (draft 2020-12) of the configuration, generated from the types
+/// [`Config::from_json`] deserializes: the shape and the descriptions, not the ranges and
+/// cross-field rules `from_json` also checks. Committed as
+/// `filter/idemgate-filter.schema.json` (`cargo xtask schema` regenerates it).
+#[cfg(feature = "schema")]
+pub fn schema() -> schemars::Schema {
+    schemars::schema_for!(ConfigFile)
+}
+
 /// A configuration that fails validation: which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -99,59 +108,104 @@ fn err<T>(field: impl Into<String>, reason: impl Into<String>) -> Result<T, Conf
     })
 }
 
-/// The document as written.
+/// idemgate filter configuration
+///
+/// The plugin configuration of the idemgate proxy-wasm filter (Envoy
+/// `plugin_config`, Istio `pluginConfig`). The schema gives the shape; the filter also
+/// checks ranges and cross-field rules when it loads (`idemgate-server config check`).
+/// These doc comments are the schema's descriptions.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 struct ConfigFile {
+    /// Where the filter sends its store calls.
     store: StoreFile,
+    /// Policy fields a route leaves out (no `name` or `match` here).
     #[serde(default)]
     defaults: PolicyFile,
+    /// Protected routes in match order (at least one); the first route whose `match` and
+    /// one of whose methods match wins. Requests that match no route pass through.
     routes: Vec<PolicyFile>,
 }
 
+/// Where the filter sends its store calls.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 struct StoreFile {
+    /// Envoy cluster of the idemgate server's store listener (required, not empty).
     cluster: String,
+    /// Timeout of one store call, milliseconds (1..=60000, default 1000).
     timeout_ms: Option<u64>,
+    /// `:authority` of store calls (default `idemgate-store`).
     authority: Option<String>,
+    /// Report decisions the store does not see (rejections, body caps, store errors,
+    /// fail-open passes) with a fire-and-forget `POST /v1/report` (default true).
     report_events: Option<bool>,
 }
 
 /// Policy fields shared by `defaults` and each route; `name` and `match` only in routes.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 struct PolicyFile {
+    /// Route name, unique, 1..=64 characters (routes only, required there).
     name: Option<String>,
+    /// Path matcher on the path without the query (routes only, required there).
     #[serde(rename = "match")]
     matcher: Option<PathMatch>,
+    /// Protected methods, uppercase (default `["POST", "PATCH"]`).
     methods: Option<Vec<String>>,
+    /// Whether the `Idempotency-Key` header is required (default `required`).
     key: Option<KeyRequirement>,
+    /// Lifetime of a completed record, seconds (1..=2592000, default 86400).
     ttl_s: Option<u64>,
+    /// In-flight lock TTL, milliseconds (100..=86400000, default 60000).
     lock_ttl_ms: Option<u64>,
+    /// Statuses stored for replay: classes (`"2xx"`), codes (`"201"`) and negations
+    /// (`"!429"`) that win (default `["2xx", "3xx", "4xx", "!408", "!409", "!425", "!429"]`).
     store_statuses: Option<Vec<String>>,
+    /// What happens when the store cannot answer (default `closed`).
     failure_mode: Option<FailureMode>,
+    /// Request body cap, bytes; a larger request gets 413 (1..=67108864, default 524288).
     max_request_body_bytes: Option<u64>,
+    /// Response body cap, bytes; a larger response is passed on but not stored
+    /// (1..=67108864, default 524288).
     max_response_body_bytes: Option<u64>,
+    /// What enters the request fingerprint besides method and path.
     fingerprint: Option<FingerprintFile>,
+    /// Where a request's scope (tenant) comes from (default `{"header": "authorization"}`).
     scope: Option<ScopeSource>,
+    /// Response headers not stored for replay: lowercase names or prefixes ending in `*`
+    /// (default: credentials, cookies, rate-limit state, `retry-after`, `x-envoy-*`).
     deny_response_headers: Option<Vec<String>>,
+    /// How a request whose claim was acquired reaches the upstream (default `router`).
     execution: Option<Execution>,
+    /// Detached execution: the Envoy cluster to call (default: the matched route's).
     upstream_cluster: Option<String>,
+    /// Detached execution: upstream timeout, milliseconds, below `lock_ttl_ms`
+    /// (default 15000).
     upstream_timeout_ms: Option<u64>,
+    /// What a retry gets when the first execution's outcome is unknown.
     unknown_outcome: Option<UnknownOutcomeFile>,
 }
 
+/// What a retry gets when the first execution's outcome is unknown.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 struct UnknownOutcomeFile {
+    /// Seconds the unknown outcome is held with `409` and `Retry-After` (1..=86400,
+    /// default 60).
     hold_s: Option<u64>,
+    /// What happens once `hold_s` has passed (default `refuse`).
     then: Option<AfterUnknown>,
 }
 
 /// How a protected request whose claim was acquired reaches the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum Execution {
     /// Resume the request through the rest of the filter chain and Envoy's router (route
     /// retries, header mutations and streaming apply). When the client goes away, Envoy
@@ -165,24 +219,35 @@ pub enum Execution {
     Detached,
 }
 
+/// What enters the request fingerprint besides method and path.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 struct FingerprintFile {
+    /// How the body enters the fingerprint (default `raw`).
     body: Option<BodyKind>,
+    /// Request headers (lowercase) that enter the fingerprint, in this order (default none).
     headers: Option<Vec<String>>,
+    /// JSON Pointers (RFC 6901) left out of a `canonical_json` body, e.g. `/client_ts`.
     exclude_json: Option<Vec<String>>,
 }
 
+/// How the body enters the fingerprint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 enum BodyKind {
+    /// The body's bytes as sent.
     Raw,
+    /// The body parsed as JSON and written canonically (member order and whitespace do not
+    /// matter), without the `exclude_json` members.
     CanonicalJson,
 }
 
 /// How a route's path is matched (on the path without the query).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum PathMatch {
     /// `{"prefix": "/v1/payments"}`: the path starts with this string (Envoy's `prefix`
     /// semantics: `/v1/payments` also matches `/v1/payments-old`).
@@ -203,6 +268,7 @@ impl PathMatch {
 /// Whether a protected route requires the `Idempotency-Key` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum KeyRequirement {
     /// A request without a key gets 400 problem details (IETF draft section 2.7).
     Required,
@@ -213,6 +279,7 @@ pub enum KeyRequirement {
 /// What the filter does when the store cannot answer (error, timeout, bad answer).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum FailureMode {
     /// 503 problem details with `Retry-After: 1`; the upstream sees nothing.
     Closed,
@@ -224,6 +291,7 @@ pub enum FailureMode {
 /// Where a request's scope (tenant) comes from.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub enum ScopeSource {
     /// `{"header": "authorization"}`: the SHA-256 of this request header's value.
     /// A request without it gets 401 problem details.

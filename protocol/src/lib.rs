@@ -240,6 +240,7 @@ pub struct UnknownOutcomePolicy {
 
 /// What a record with an unknown outcome does once its hold time has passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schemars", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum AfterUnknown {
     /// The record is gone: the next retry executes the request again. Right for upstreams

@@ -292,6 +292,7 @@ impl Stack {
         if opts.filter_config.is_null() {
             opts.filter_config = demo_filter_config()?;
         }
+        crate::schema::check_filter_config(&opts.filter_config)?;
         let pick = |fixed: Option<u16>| fixed.map_or_else(free_port, Ok);
         let ports = StackPorts {
             gateway: pick(opts.ports.gateway)?,

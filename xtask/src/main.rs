@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod demo;
+mod dist;
 mod fuzz;
 mod setup;
 mod test;
@@ -27,8 +28,8 @@ struct Cli {
 enum Task {
     /// Install what the build and the tests need: the Rust wasm targets, Envoy 1.40.0 (in
     /// .tools/venv), redis-server (Debian), wasm-bindgen-cli (.tools/bin, the version in
-    /// Cargo.lock) and chromium + chromium-driver (Debian). Safe to repeat; each step is
-    /// skipped when done.
+    /// Cargo.lock), chromium + chromium-driver, docker-registry and skopeo (Debian). Safe
+    /// to repeat; each step is skipped when done.
     Setup(setup::Args),
     /// Build the filter (wasm32-wasip1, release), idemgate-server and demo-upstream (debug)
     /// and the dashboard (wasm32-unknown-unknown, release, into target/dashboard/).
@@ -45,6 +46,13 @@ enum Task {
     /// --seconds (default 30) from its committed seeds; fails on any crash, warns and
     /// succeeds when nightly or the fuzz tooling cannot be installed.
     Fuzz(fuzz::Args),
+    /// Release artifacts in target/dist/: the filter module (size-optimised) and its
+    /// sha256, its OCI image (compat variant) as a layout and an archive with the manifest
+    /// digest, the config JSON Schema (also regenerated in filter/) and the admin API's
+    /// OpenAPI document.
+    Dist(dist::Args),
+    /// Regenerate filter/idemgate-filter.schema.json from the filter's config types.
+    Schema(dist::SchemaArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +64,8 @@ fn main() -> ExitCode {
         Task::Demo(args) => demo::run(&args),
         Task::Bench(args) => bench::run(&args).map(|()| ExitCode::SUCCESS),
         Task::Fuzz(args) => fuzz::run(&args),
+        Task::Dist(args) => dist::run(&args).map(|()| ExitCode::SUCCESS),
+        Task::Schema(args) => dist::run_schema(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -15,8 +15,9 @@ pub const ENVOY_VERSION: &str = "1.40.0";
 /// Rust targets the workspace builds for.
 pub const WASM_TARGETS: [&str; 2] = ["wasm32-wasip1", "wasm32-unknown-unknown"];
 
-/// Install the Rust wasm targets, Envoy, redis-server, redis-sentinel, wasm-bindgen-cli (the version in
-/// Cargo.lock, into .tools/bin) and Chromium with chromedriver when missing.
+/// Install the Rust wasm targets, Envoy, redis-server, redis-sentinel, wasm-bindgen-cli (the
+/// version in Cargo.lock, into .tools/bin), Chromium with chromedriver, docker-registry and
+/// skopeo when missing.
 #[derive(Debug, clap::Args)]
 pub struct Args {}
 
@@ -31,6 +32,7 @@ pub fn run_setup() -> Result<()> {
     redis_sentinel();
     wasm_bindgen_cli()?;
     chromium();
+    registry_tools();
     Ok(())
 }
 
@@ -318,6 +320,37 @@ fn chromium() {
     match apt_install(&["chromium", "chromium-driver"]) {
         Ok(()) if find_chromium().is_some() => println!("setup: chromium and chromedriver installed"),
         Ok(()) => eprintln!("setup: warning: apt-get installed chromium but chromium/chromedriver are not on PATH; {by_hand}"),
+        Err(e) => eprintln!("setup: warning: {e:#}; {by_hand}"),
+    }
+}
+
+/// The programs of the dist tests' registry round trip, from Debian: `docker-registry`
+/// (the CNCF distribution registry) and `skopeo`.
+pub const REGISTRY_TOOLS: [(&str, &str); 2] =
+    [("docker-registry", "docker-registry"), ("skopeo", "skopeo")];
+
+/// docker-registry + skopeo for the registry round trip in tests/tests/dist.rs. Not fatal
+/// (the demo does not need them); the test then fails with its own message.
+fn registry_tools() {
+    let missing: Vec<&str> = REGISTRY_TOOLS
+        .iter()
+        .filter(|(bin, _)| idemgate_e2e::bins::find_on_path(bin).is_none())
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        println!("setup: docker-registry and skopeo already installed");
+        return;
+    }
+    let by_hand = format!(
+        "to do it by hand: `sudo apt-get update && sudo apt-get install -y {}`",
+        missing.join(" ")
+    );
+    if !can_apt() {
+        eprintln!("setup: warning: {} missing and apt-get cannot be used here; the registry round-trip test needs them; {by_hand}", missing.join(", "));
+        return;
+    }
+    match apt_install(&missing) {
+        Ok(()) => println!("setup: {} installed", missing.join(", ")),
         Err(e) => eprintln!("setup: warning: {e:#}; {by_hand}"),
     }
 }

@@ -37,6 +37,9 @@ pub fn run(args: &Args) -> Result<ExitCode> {
 fn run_inner(args: &Args) -> Result<ExitCode> {
     crate::setup::run_setup()?;
     crate::build::run_build()?;
+    // The dist tests pull target/dist/ from a registry and serve it to Envoy; the committed
+    // schema is not regenerated here, so its staleness test can fail.
+    crate::dist::run_dist(true, false, env!("CARGO_PKG_REPOSITORY"))?;
     let root = root();
     // Each stack keeps its logs in target/e2e/<test>-...; prune old runs, but leave recent
     // ones alone: another `cargo test` may be using the same target directory right now.
