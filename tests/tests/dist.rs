@@ -155,6 +155,26 @@ fn registry_round_trip_gives_back_the_module_under_the_printed_digest() {
     })
     .unwrap_or_else(|e| panic!("{}", dump(&format!("{e:#}"))));
 
+    // The archive holds the same image (`skopeo copy oci-archive:...` works too).
+    let inspect = Command::new(&skopeo)
+        .args(["--insecure-policy", "inspect", "--raw"])
+        .arg(format!(
+            "oci-archive:{}:{tag}",
+            dist.dir.join("idemgate-filter.oci.tar").display()
+        ))
+        .output()
+        .expect("skopeo runs");
+    assert!(
+        inspect.status.success(),
+        "skopeo inspect of the archive: {}",
+        String::from_utf8_lossy(&inspect.stderr)
+    );
+    assert_eq!(
+        format!("sha256:{}", hex::encode(Sha256::digest(&inspect.stdout))),
+        dist.manifest_digest,
+        "the archive's manifest is the printed one"
+    );
+
     // Push the layout as a platform team would.
     let repo = format!("127.0.0.1:{port}/idemgate-filter");
     let push = Command::new(&skopeo)
@@ -458,6 +478,34 @@ fn envoy_refuses_remote_code_with_a_wrong_sha256() {
         Err(e) => eprintln!("Envoy did not become ready, as expected: {e:#}"),
     }
     eprintln!("wrong sha256: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+#[test]
+fn dist_writes_the_schema_and_the_openapi_document() {
+    let dist = dist();
+    let read_json = |name: &str| -> serde_json::Value {
+        let text = std::fs::read_to_string(dist.dir.join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}; run `cargo xtask dist`"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name} is not JSON: {e}"))
+    };
+    assert_eq!(
+        read_json("idemgate-filter.schema.json"),
+        idemgate_e2e::schema::committed_schema().expect("committed schema"),
+        "dist ships the committed schema"
+    );
+    let openapi = read_json("idemgate-admin.openapi.json");
+    assert!(
+        openapi["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.")),
+        "an OpenAPI 3 document: {openapi}"
+    );
+    for path in ["/api/keys", "/api/purge", "/api/events"] {
+        assert!(
+            openapi["paths"].get(path).is_some(),
+            "the document describes {path}"
+        );
+    }
 }
 
 #[test]
