@@ -102,7 +102,9 @@ pub struct StackPorts {
 #[derive(Debug, Clone)]
 pub struct StackOptions {
     /// The filter's JSON configuration. `Value::Null` (the default) means
-    /// `envoy/demo-filter.json`.
+    /// `envoy/demo-filter.json`. [`Stack::start`] checks it against the committed JSON
+    /// Schema first ([`crate::schema::check_filter_config`]): the schema checks shape, not
+    /// ranges, so a configuration the filter refuses by value still reaches Envoy.
     pub filter_config: Value,
     /// The Envoy template (default [`EnvoyTemplate::Gateway`]).
     pub template: EnvoyTemplate,
