@@ -89,9 +89,32 @@ fn a_store_server_killed_mid_request_loses_no_completion_and_fails_no_claim() {
     opts.template = EnvoyTemplate::File(two_server_template(second_port));
     let mut stack = Stack::start(opts).expect("stack starts");
     let _server2 = second_server(&stack, second_port);
-    // Let the health checker see both servers healthy.
-    thread::sleep(Duration::from_millis(1500));
     let gw = stack.gateway();
+    // Server 2 started after Envoy, so its first health check failed. Warm up on the quotes
+    // route (not counted below) until Envoy sends server 2 store calls: on Envoy 1.40 that
+    // can lag the health flag turning healthy by a few seconds.
+    let envoy_admin = stack.envoy_admin();
+    let host_rq = |port: u16| -> u64 {
+        let text = envoy_admin
+            .get("/clusters")
+            .send()
+            .map(|r| r.text())
+            .unwrap_or_default();
+        let prefix = format!("idemgate_store::127.0.0.1:{port}::rq_total::");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let mut warm = 0;
+    wait_until("server 2 takes store calls", 20_000, || {
+        warm += 1;
+        let r = pay(&gw, "/v1/quotes", &format!("warm-{warm}"), 0);
+        assert!(r.status < 500, "warm-up claim: {} {}", r.status, r.text());
+        Ok(host_rq(second_port) > 0)
+    })
+    .unwrap();
+    eprintln!("server 2 took store calls after {warm} warm-up claims");
 
     // 8 requests upstream (router and detached routes), each under its own key.
     let keys: Vec<(String, &str)> = (0..8)

@@ -176,8 +176,17 @@ fn print_banner(stack: &Stack, token: &str) {
     println!("curl -i -X POST {gw}/v1/payments {h} -H 'Idempotency-Key: demo-1' -d '{{\"amount\":9999,\"currency\":\"eur\"}}'");
     println!("# 5. 400: /v1/payments requires an Idempotency-Key");
     println!("curl -i -X POST {gw}/v1/payments {h} -d '{{\"amount\":1000,\"currency\":\"eur\"}}'");
-    println!("# what the upstream executed:");
+    println!(
+        "# 6. the client times out (1 s) while the payment takes 2.5 s; the upstream call goes on"
+    );
+    println!("#    (detached route), and a retry after it finished gets the first execution's 201, replayed");
+    let timeout = format!(
+        "-X POST {gw}/v1/payments {h} -H 'Idempotency-Key: demo-3' -H 'x-demo-delay-ms: 2500' -d '{{\"amount\":3000,\"currency\":\"eur\"}}'"
+    );
+    println!("curl -s --max-time 1 {timeout}; echo \"curl exit $? (timed out)\"; sleep 2.5; curl -i {timeout}");
+    println!("# what the upstream executed: counts per path, and each request with its key");
     println!("curl -s {}/__upstream/executions", stack.upstream_url());
+    println!("curl -s {}/__upstream/requests", stack.upstream_url());
     println!();
     println!("Ctrl-C stops everything.");
 }
