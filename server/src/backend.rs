@@ -434,9 +434,9 @@ impl Conn {
         }
     }
 
-    /// Runs `eval` (an `EVALSHA` of `script` on the one key `key`) followed by `WAIT
-    /// replicas timeout_ms`, pipelined on one connection (on a cluster, the key's master),
-    /// and returns the script's answer and the number of replicas that acknowledged.
+    /// Runs `invocation` (a script on the one key `key`) followed by `WAIT replicas
+    /// timeout_ms`, pipelined on one connection (on a cluster, the key's master), and
+    /// returns the script's answer and the number of replicas that acknowledged.
     ///
     /// The two go together because WAIT waits for the replication offset of the last write
     /// *of the connection it is sent on*: sent on a connection reconnected in between, it
@@ -444,62 +444,63 @@ impl Conn {
     /// multiplexed connection the offset is that of the latest write of any caller sharing
     /// it, at or after this script's, so the answer errs on the safe side. While WAIT
     /// blocks, Redis reads nothing else from that connection (up to `timeout_ms`).
-    /// A `NOSCRIPT` answer loads the script and runs the pair once more.
+    /// A `NOSCRIPT` answer loads the script and runs the pair once more (a pipeline does
+    /// not do that by itself, unlike [`redis::ScriptInvocation::invoke_async`]).
     ///
     /// # Errors
     /// Redis errors (the script's own error included).
     pub async fn eval_then_wait(
         &mut self,
-        script: &redis::Script,
-        eval: &Cmd,
+        invocation: &redis::ScriptInvocation<'_>,
         key: &str,
         replicas: u32,
         timeout_ms: u64,
     ) -> redis::RedisResult<(Value, i64)> {
         let mut pipe = redis::pipe();
-        let mut wait = redis::cmd("WAIT");
-        wait.arg(replicas).arg(timeout_ms);
-        pipe.add_command(eval.clone()).add_command(wait);
-        let mut loaded = false;
-        loop {
-            let values: Vec<Value> = match self {
-                Self::Cluster(c) => c
-                    .route_pipeline(
-                        pipe.clone(),
-                        0,
-                        2,
-                        SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master)),
-                    )
-                    .await?
-                    .into_iter()
-                    .map(|v| match v {
-                        Value::ServerError(_) => v.extract_error(),
-                        other => Ok(other),
-                    })
-                    .collect::<redis::RedisResult<_>>(),
-                _ => pipe.query_async(self).await,
+        pipe.invoke_script(invocation)
+            .cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout_ms);
+        let values = match self.pipeline_on_key(&pipe, key).await {
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                invocation.load_async(self).await?;
+                self.pipeline_on_key(&pipe, key).await?
             }
-            .or_else(|err| {
-                if !loaded && err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) {
-                    Ok(Vec::new())
-                } else {
-                    Err(err)
-                }
-            })?;
-            if values.is_empty() {
-                script.load_async(self).await?;
-                loaded = true;
-                continue;
-            }
-            let mut values = values.into_iter();
-            return match (values.next(), values.next()) {
-                (Some(answer), Some(Value::Int(acked))) => Ok((answer, acked)),
-                (answer, acked) => Err(redis::RedisError::from((
-                    ErrorKind::Client,
-                    "unexpected answer to a script and WAIT",
-                    format!("{answer:?} {acked:?}"),
-                ))),
-            };
+            other => other?,
+        };
+        let mut values = values.into_iter();
+        match (values.next(), values.next()) {
+            (Some(answer), Some(Value::Int(acked))) => Ok((answer, acked)),
+            (answer, acked) => Err(redis::RedisError::from((
+                ErrorKind::Client,
+                "unexpected answer to a script and WAIT",
+                format!("{answer:?} {acked:?}"),
+            ))),
+        }
+    }
+
+    /// Sends `pipe` on this connection; on a cluster, to the master of `key`'s slot.
+    async fn pipeline_on_key(
+        &mut self,
+        pipe: &Pipeline,
+        key: &str,
+    ) -> redis::RedisResult<Vec<Value>> {
+        match self {
+            Self::Cluster(c) => c
+                .route_pipeline(
+                    pipe.clone(),
+                    0,
+                    pipe.len(),
+                    SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master)),
+                )
+                .await?
+                .into_iter()
+                .map(|v| match v {
+                    Value::ServerError(_) => v.extract_error(),
+                    other => Ok(other),
+                })
+                .collect(),
+            _ => pipe.query_async(self).await,
         }
     }
 

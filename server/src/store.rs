@@ -273,8 +273,9 @@ impl Store {
             ),
             None => ("", 0, 0),
         };
-        let mut eval = evalsha(&CLAIM_SCRIPT, &key);
-        eval.arg(&token)
+        let mut invocation = CLAIM_SCRIPT.key(&key);
+        invocation
+            .arg(&token)
             .arg(&req.fingerprint)
             .arg(&req.route)
             .arg(&req.method)
@@ -285,7 +286,7 @@ impl Store {
             .arg(refuse_ttl_ms);
         let mut conn = self.conn().await?;
         let result = self
-            .timed(self.eval_maybe_wait(&mut conn, &CLAIM_SCRIPT, &eval, &key))
+            .timed(self.eval_maybe_wait(&mut conn, &invocation, &key))
             .await;
         match result {
             Ok((value, acked)) => {
@@ -319,33 +320,19 @@ impl Store {
         }
     }
 
-    /// Runs `eval` (see [`evalsha`]) on `conn`, followed by `WAIT` when a [`WaitPolicy`] is
-    /// set; returns the script's answer and the acknowledging replicas (`None` without
-    /// WAIT).
+    /// Runs `invocation` on `conn`, followed by `WAIT` when a [`WaitPolicy`] is set;
+    /// returns the script's answer and the acknowledging replicas (`None` without WAIT).
     async fn eval_maybe_wait(
         &self,
         conn: &mut Conn,
-        script: &Script,
-        eval: &redis::Cmd,
+        invocation: &redis::ScriptInvocation<'_>,
         key: &str,
     ) -> Result<(Value, Option<i64>), redis::RedisError> {
         match self.wait {
-            None => {
-                let value = match conn.query::<Value>(eval).await {
-                    Err(e)
-                        if e.kind()
-                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                    {
-                        script.load_async(conn).await?;
-                        conn.query::<Value>(eval).await?
-                    }
-                    other => other?,
-                };
-                Ok((value, None))
-            }
+            None => Ok((invocation.invoke_async(conn).await?, None)),
             Some(w) => {
                 let (value, acked) = conn
-                    .eval_then_wait(script, eval, key, w.replicas, w.timeout_ms())
+                    .eval_then_wait(invocation, key, w.replicas, w.timeout_ms())
                     .await?;
                 Ok((value, Some(acked)))
             }
@@ -412,8 +399,9 @@ impl Store {
         };
         let unknown = u8::from(req.outcome_unknown);
         let mut conn = self.conn().await?;
-        let mut eval = evalsha(&COMPLETE_SCRIPT, &key);
-        eval.arg(&req.fencing_token)
+        let mut invocation = COMPLETE_SCRIPT.key(&key);
+        invocation
+            .arg(&req.fencing_token)
             .arg(req.status)
             .arg(headers_json)
             .arg(body)
@@ -421,7 +409,7 @@ impl Store {
             .arg(ttl_ms)
             .arg(unknown);
         let (value, acked) = self
-            .timed(self.eval_maybe_wait(&mut conn, &COMPLETE_SCRIPT, &eval, &key))
+            .timed(self.eval_maybe_wait(&mut conn, &invocation, &key))
             .await?;
         let answer = <Vec<String> as redis::FromRedisValue>::from_redis_value(value)
             .map_err(|e| StoreError::Corrupt(format!("complete answered {e}")))?;
@@ -481,15 +469,6 @@ pub const MAX_LATE_CLAIMS: usize = 1024;
 
 static LATE_CLAIMS: LazyLock<std::sync::Arc<tokio::sync::Semaphore>> =
     LazyLock::new(|| std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_LATE_CLAIMS)));
-
-/// `EVALSHA <sha1 of script> 1 key`; the caller adds the ARGV. (`Script::invoke_async`
-/// cannot be pipelined with `WAIT`; [`Store::eval_maybe_wait`] loads the script on
-/// `NOSCRIPT` as it does.)
-fn evalsha(script: &Script, key: &str) -> redis::Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(1).arg(key);
-    cmd
-}
 
 /// A fresh fencing token: 128 random bits as 32 lowercase hex digits.
 pub fn new_fencing_token() -> String {
