@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 
@@ -91,24 +90,12 @@ impl RedisCluster {
     }
 
     fn wait(&self, ok: impl Fn(&Self) -> bool, what: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !ok(self) {
-            if Instant::now() > deadline {
-                bail!("redis cluster: no {what} within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(())
+        crate::wait_until(&format!("redis cluster: {what}"), 20_000, || Ok(ok(self)))
     }
 
     /// `redis-cli -p PORT ARGS...`'s standard output (empty when it cannot run).
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
-        Command::new(&self.cli)
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
+        crate::redis::cli_output(&self.cli, port, args)
     }
 
     /// The nodes' ports.

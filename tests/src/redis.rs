@@ -61,3 +61,14 @@ pub fn command(port: u16, args: &[&str]) -> Result<RedisValue> {
         .with_context(|| format!("redis {name}"))?;
     Ok(RedisValue(reply))
 }
+
+/// `redis-cli -p PORT ARGS...`'s standard output, `cli` being the `redis-cli` binary
+/// (empty when it cannot run).
+pub fn cli_output(cli: &std::path::Path, port: u16, args: &[&str]) -> String {
+    std::process::Command::new(cli)
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}

@@ -133,24 +133,14 @@ impl ReplicatedRedis {
     }
 
     fn wait(&self, ok: impl Fn(&Self) -> bool, what: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !ok(self) {
-            if Instant::now() > deadline {
-                bail!("replicated redis: no {what} within 20 s");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        crate::wait_until(&format!("replicated redis: {what}"), 20_000, || {
+            Ok(ok(self))
+        })
     }
 
     /// `redis-cli -p PORT ARGS...`'s standard output (empty when it cannot run).
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
-        Command::new(&self.cli)
-            .args(["-p", &port.to_string()])
-            .args(args)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
+        crate::redis::cli_output(&self.cli, port, args)
     }
 
     /// The Sentinel's URL (the server's `--redis-sentinel`).
