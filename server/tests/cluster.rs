@@ -29,10 +29,7 @@ async fn store_admin_and_events_run_unchanged_on_a_cluster() {
     let cluster = tokio::task::spawn_blocking(Cluster::start).await.unwrap();
     let mut server = Server::start_with(&cluster.url(), true).await;
     let (store, admin) = (server.store.clone(), server.admin.clone());
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let http = http();
     let get = |path: String| {
         let http = http.clone();
         let admin = admin.clone();
@@ -237,10 +234,7 @@ async fn wait_goes_to_each_keys_master_on_a_cluster() {
     args.failover.redis_wait_timeout_ms = 20;
     let waiting = Server::start_from(args).await;
     let plain = Server::start_with(&cluster.url(), true).await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap();
+    let http = http();
     let s = scope("cluster-wait");
     let n = 12;
     for i in 0..n {
@@ -253,14 +247,7 @@ async fn wait_goes_to_each_keys_master_on_a_cluster() {
             .unwrap();
         assert_eq!(r.status(), 503, "{:?}", r.text().await);
     }
-    let metrics = http
-        .get(format!("{}/metrics", waiting.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = waiting.metrics().await;
     assert!(
         metrics.contains(&format!(
             "idemgate_redis_wait_shortfalls_total{{call=\"claim\"}} {n}"

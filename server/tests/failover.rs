@@ -97,26 +97,13 @@ async fn claim_latency(
     (us[n / 2], us[n * 99 / 100])
 }
 
-async fn metrics(http: &reqwest::Client, server: &Server) -> String {
-    http.get(format!("{}/metrics", server.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_wait_an_unacknowledged_claim_is_refused_and_an_acknowledged_one_survives_failover() {
     let started = Instant::now();
     let mut redis = topology().await;
     let waiting = server(&redis, 1).await;
     let plain = server(&redis, 0).await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let http = http();
     let s = scope("failover-wait");
 
     // What WAIT 1 costs on loopback (HTTP call included).
@@ -142,7 +129,8 @@ async fn with_wait_an_unacknowledged_claim_is_refused_and_an_acknowledged_one_su
         "{body}"
     );
     assert!(
-        metrics(&http, &waiting)
+        waiting
+            .metrics()
             .await
             .contains("idemgate_redis_wait_shortfalls_total{call=\"claim\"} 1"),
         "the shortfall is counted"
@@ -177,7 +165,8 @@ async fn with_wait_an_unacknowledged_claim_is_refused_and_an_acknowledged_one_su
     let r = send_complete().await.unwrap();
     redis.pause_replica(false).unwrap();
     assert_eq!(r.status(), 503);
-    assert!(metrics(&http, &waiting)
+    assert!(waiting
+        .metrics()
         .await
         .contains("idemgate_redis_wait_shortfalls_total{call=\"complete\"} 1"));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -248,10 +237,7 @@ async fn known_gap_without_wait_a_claim_the_replica_missed_executes_twice_after_
     let started = Instant::now();
     let mut redis = topology().await;
     let plain = server(&redis, 0).await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let http = http();
     let s = scope("failover-gap");
 
     // The replica is stopped and its link cut, so the claim reaches no replica.

@@ -11,13 +11,6 @@ use common::*;
 use idemgate_protocol::admin::{Event, StatsResponse};
 use serde_json::{json, Value};
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
-}
-
 async fn claim(server: &Server, key: &str, fp_seed: &str, lock_ttl_ms: u64) -> Value {
     http()
         .post(format!("{}/v1/claim", server.store))

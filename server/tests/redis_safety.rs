@@ -18,35 +18,6 @@ fn args(redis: &RedisServer, allow_evicting: bool) -> idemgate_server::ServeArgs
     a
 }
 
-fn http() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap()
-}
-
-async fn health(server: &Server) -> Value {
-    http()
-        .get(format!("{}/api/health", server.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
-async fn metrics(server: &Server) -> String {
-    http()
-        .get(format!("{}/metrics", server.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// The value of one sample line of `/metrics` (`name{labels} value`).
 fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines()
@@ -156,7 +127,7 @@ async fn allowed_evicting_redis_runs_flagged_unsafe_on_health_metrics_and_events
         ],
     );
     let server = Server::start_from(args(&redis, true)).await;
-    let h = health(&server).await;
+    let h = server.health().await;
     let s = &h["redis_safety"];
     assert_eq!(s["status"], "unsafe", "{h}");
     assert_eq!(s["eviction"], "unsafe", "{h}");
@@ -168,7 +139,7 @@ async fn allowed_evicting_redis_runs_flagged_unsafe_on_health_metrics_and_events
         s["messages"][0].as_str().unwrap().contains("noeviction"),
         "{h}"
     );
-    let m = metrics(&server).await;
+    let m = server.metrics().await;
     assert_eq!(
         sample(&m, "idemgate_redis_safety{check=\"eviction\"}"),
         Some(3.0),
@@ -193,7 +164,7 @@ async fn allowed_evicting_redis_runs_flagged_unsafe_on_health_metrics_and_events
 async fn a_redis_without_config_cannot_be_verified_and_the_server_starts() {
     let redis = RedisServer::start_with(free_port(), &["--rename-command", "CONFIG", ""]);
     let server = Server::start_from(args(&redis, false)).await;
-    let h = health(&server).await;
+    let h = server.health().await;
     let s = &h["redis_safety"];
     assert_eq!(s["status"], "cannot_verify", "{h}");
     assert_eq!(s["eviction"], "cannot_verify", "{h}");
@@ -217,7 +188,7 @@ async fn a_redis_without_config_cannot_be_verified_and_the_server_starts() {
             .contains("cannot be verified"),
         "{h}"
     );
-    let m = metrics(&server).await;
+    let m = server.metrics().await;
     assert_eq!(
         sample(&m, "idemgate_redis_safety{check=\"overall\"}"),
         Some(1.0),
@@ -239,7 +210,7 @@ async fn no_persistence_is_a_warning_and_a_policy_changed_at_run_time_is_flagged
     // The common Redis runs with `--save '' --appendonly no`.
     let redis = RedisServer::start();
     let server = Server::start_from(args(&redis, false)).await;
-    let h = health(&server).await;
+    let h = server.health().await;
     let s = &h["redis_safety"];
     assert_eq!(
         (&s["status"], &s["eviction"], &s["persistence"]),
@@ -254,7 +225,7 @@ async fn no_persistence_is_a_warning_and_a_policy_changed_at_run_time_is_flagged
             .contains("no persistence (appendonly no, save \"\")"),
         "{h}"
     );
-    let m = metrics(&server).await;
+    let m = server.metrics().await;
     assert_eq!(sample(&m, "idemgate_redis_persistence"), Some(0.0), "{m}");
     assert_eq!(
         sample(&m, "idemgate_redis_safety{check=\"persistence\"}"),
@@ -274,7 +245,7 @@ async fn no_persistence_is_a_warning_and_a_policy_changed_at_run_time_is_flagged
         Duration::from_secs(4),
         "unsafe on /api/health",
         async || {
-            let h = health(&server).await;
+            let h = server.health().await;
             (h["redis_safety"]["status"] == "unsafe", h)
         },
     )
@@ -304,7 +275,7 @@ async fn no_persistence_is_a_warning_and_a_policy_changed_at_run_time_is_flagged
 async fn a_redis_restart_changes_its_run_id_an_event_and_a_count() {
     let mut redis = RedisServer::start_with(free_port(), &["--appendonly", "yes"]);
     let server = Server::start_from(args(&redis, false)).await;
-    let h = health(&server).await;
+    let h = server.health().await;
     assert_eq!(h["redis_safety"]["status"], "ok", "{h}");
     assert_eq!(h["redis_safety"]["restarts"], 0, "{h}");
     let first = h["redis_safety"]["nodes"][0]["run_id"].clone();
@@ -312,12 +283,12 @@ async fn a_redis_restart_changes_its_run_id_an_event_and_a_count() {
     redis.kill();
     redis.restart();
     let h = wait_for(Duration::from_secs(5), "a counted restart", async || {
-        let h = health(&server).await;
+        let h = server.health().await;
         (h["redis_safety"]["restarts"] == 1, h)
     })
     .await;
     assert_ne!(h["redis_safety"]["nodes"][0]["run_id"], first, "{h}");
-    let m = metrics(&server).await;
+    let m = server.metrics().await;
     assert_eq!(
         sample(&m, "idemgate_redis_restarts_total"),
         Some(1.0),

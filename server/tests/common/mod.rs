@@ -336,6 +336,14 @@ pub async fn completed(app: &Router, scope: &str, key: &str, fingerprint: &str) 
     token
 }
 
+/// An HTTP client for servers on real listeners (10 s per request).
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
 /// One in-process server; stopped on drop.
 pub struct Server {
     /// Store API base URL.
@@ -358,6 +366,30 @@ impl Server {
         args.redis_cluster = cluster;
         args.redis_timeout_ms = if cluster { 1000 } else { 500 };
         Self::start_from(args).await
+    }
+
+    /// `GET /metrics` on the admin listener, as text.
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(format!("{}/metrics", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /api/health` on the admin listener (no token).
+    pub async fn health(&self) -> Value {
+        http()
+            .get(format!("{}/api/health", self.admin))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     /// The flags of [`Server::start`] on free ports, to adjust before [`Server::start_from`].
